@@ -1,0 +1,91 @@
+"""Command line: ``python -m sasa info ...`` (one model's counts) and ``python -m sasa table``
+(the paper's Table 1 beside ours)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sasa import count, create_model, list_models
+from sasa.models import FORMS
+from sasa.paper import TABLE1
+
+
+def _groups(text):
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(g) for g in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated group numbers such as 2,3,4, got {text!r}") from None
+
+
+def _info(args):
+    kwargs = {
+        "form": args.form, "stem": args.stem, "attention_groups": args.attention_groups, "kernel_size": args.kernel_size,
+        "heads": args.heads, "pos_enc": args.pos_enc, "width": args.width, "num_classes": args.num_classes,
+        "in_chans": args.in_chans, "small_input": args.small_input,
+    }
+    model = create_model(args.model, **{k: v for k, v in kwargs.items() if v is not None})
+    counts = count(model, args.resolution)
+    result = {"model": args.model, **model.config, "attention_groups": list(model.config["attention_groups"]),
+              "resolution": args.resolution, **counts.as_dict()}
+    if args.json:
+        print(json.dumps(result))
+        return
+    rows = [(k.replace("_", " "), v) for k, v in result.items() if k not in ("params", "macs", "flops")]
+    rows += [("params", f"{counts.params:,} ({counts.params / 1e6:.2f} M)"),
+             ("multiply-adds", f"{counts.macs:,} ({counts.macs / 1e9:.2f} G)"),
+             ("FLOPs", f"{counts.flops:,} ({counts.flops / 1e9:.2f} G)")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        if isinstance(value, list):
+            value = ",".join(map(str, value)) or "none"
+        print(f"{key:<{width}}  {value}")
+
+
+def _delta(ours, paper):
+    return f"{100 * (ours - paper) / paper:+.1f}%"
+
+
+def _table(args):
+    print(f"Table 1 at {args.resolution} px, 1000 classes: ours vs the paper")
+    header = f"{'model':<9} {'form':<20} {'params M':>9} {'paper':>6} {'dparams':>8} {'GFLOPs':>7} {'paper':>6} {'dFLOPs':>7}"
+    print(header)
+    print("-" * len(header))
+    for (name, form), (gflops, mparams, _) in TABLE1.items():
+        c = count(create_model(name, form=form), args.resolution)
+        print(f"{name:<9} {form:<20} {c.params / 1e6:9.2f} {mparams:6.1f} {_delta(c.params / 1e6, mparams):>8} "
+              f"{c.flops / 1e9:7.2f} {gflops:6.1f} {_delta(c.flops / 1e9, gflops):>7}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sasa", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="parameters, multiply-adds and FLOPs of one model")
+    info.add_argument("--model", required=True, help=f"one of {', '.join(list_models())}")
+    info.add_argument("--form", default="conv", help=f"one of {', '.join(FORMS)} (default: conv)")
+    info.add_argument("--stem", help="conv or attention (default: from --form)")
+    info.add_argument("--attention-groups", type=_groups, help="e.g. 2,3,4 (default: from --form)")
+    info.add_argument("--kernel-size", type=int, help="attention window k (default 7)")
+    info.add_argument("--heads", type=int, help="attention heads (default 8)")
+    info.add_argument("--pos-enc", help="relative, absolute or none (default relative)")
+    info.add_argument("--width", type=float, help="channel multiplier (default 1.0)")
+    info.add_argument("--num-classes", type=int, default=1000)
+    info.add_argument("--in-chans", type=int, default=3)
+    info.add_argument("--small-input", action="store_true", default=None, help="stems for 28-32 px images")
+    info.add_argument("--resolution", type=int, default=224)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    table = sub.add_parser("table", help="the paper's Table 1 models: our counts beside the paper's")
+    table.add_argument("--resolution", type=int, default=224)
+    args = parser.parse_args(argv)
+    try:
+        {"info": _info, "table": _table}[args.command](args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

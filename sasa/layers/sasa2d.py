@@ -1,0 +1,80 @@
+"""The stand-alone self-attention layer (SASA), a drop-in for a k x k convolution."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
+from sasa.ops.local_attention import LOCAL_ATTENTION_IMPLS
+
+POS_ENCODINGS = ("relative", "absolute", "none")
+
+
+def sinusoidal_2d(dim, H, W, *, dtype=None, device=None):
+    """Fixed (dim, H, W) absolute encoding: dim/2 sinusoid channels of the row, dim/2 of the column."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(0, half, 2, device=device, dtype=torch.float64) * (-math.log(10000.0) / half))
+
+    def axis(n):  # (half, n)
+        angles = freqs[:, None] * torch.arange(n, device=device, dtype=torch.float64)[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=0)[:half]
+
+    pe = torch.cat([axis(H)[:, :, None].expand(half, H, W), axis(W)[:, None, :].expand(half, H, W)], dim=0)
+    return pe.to(dtype)
+
+
+class SASA2d(nn.Module):
+    """Multi-head local self-attention over each pixel's k x k window (Ramachandran et al., 2019).
+
+    Queries, keys and values are 1x1 projections, so parameters do not depend on ``kernel_size``
+    except through the relative embeddings (k vectors per axis, d_head/2 wide, per head).
+    ``pos_enc``: ``relative`` adds q.r with r = [row-offset, column-offset] embeddings (the
+    paper's); ``absolute`` adds a fixed 2-D sinusoidal encoding of the pixel position to the keys
+    (no parameters, not translation-equivariant); ``none`` uses q.k only. Out-of-image window
+    positions are masked. With ``stride=2`` a 2x2/2 average pool follows the attention (ceil
+    mode, so output sizes match a padded 3x3/2 convolution). ``impl`` picks the kernel:
+    ``fast`` (default) or ``reference``; both compute the same function.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=7, heads=8, stride=1, pos_enc="relative", impl="fast"):
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("out_channels", out_channels)
+        check_odd_kernel("kernel_size", kernel_size)
+        check_positive_int("heads", heads)
+        check_choice("stride", stride, (1, 2))
+        check_choice("pos_enc", pos_enc, POS_ENCODINGS)
+        check_choice("impl", impl, tuple(LOCAL_ATTENTION_IMPLS))
+        check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
+        head_dim = out_channels // heads
+        if pos_enc != "none":
+            check_divisible(
+                "out_channels", out_channels, 2 * heads, f"each of the {heads} heads splits its position encoding into row and column halves"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.heads, self.head_dim = kernel_size, heads, head_dim
+        self.stride, self.pos_enc, self.impl = stride, pos_enc, impl
+        self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, bias=False)
+        if pos_enc == "relative":
+            self.rel_row = nn.Parameter(torch.randn(heads, head_dim // 2, kernel_size) * head_dim**-0.5)
+            self.rel_col = nn.Parameter(torch.randn(heads, head_dim // 2, kernel_size) * head_dim**-0.5)
+        else:
+            self.register_parameter("rel_row", None)
+            self.register_parameter("rel_col", None)
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        q, k, v = self.qkv(x).view(B, 3, self.heads, self.head_dim, H, W).unbind(1)
+        if self.pos_enc == "absolute":
+            k = k + sinusoidal_2d(self.head_dim, H, W, dtype=k.dtype, device=k.device)
+        out = LOCAL_ATTENTION_IMPLS[self.impl](q, k, v, self.kernel_size, self.rel_row, self.rel_col)
+        return self.pool(out.reshape(B, self.out_channels, H, W))
+
+    def extra_repr(self):
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, heads={self.heads}, "
+            f"stride={self.stride}, pos_enc={self.pos_enc!r}, impl={self.impl!r}"
+        )

@@ -1,0 +1,115 @@
+"""The two stems: the ResNet convolution stem and the paper's attention stem.
+
+Both downsample by 4 at ImageNet resolution (``small_input=False``) and by 1 for 28-32 px data,
+so that the last group of a ResNet still sees a 4x4 map (28 -> 28, 14, 7, 4) instead of 1x1.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sasa.layers._checks import check_choice, check_divisible, check_positive_int
+
+
+class SpatiallyAwareAttention(nn.Module):
+    """Attention of every pixel over its ``block_size`` x ``block_size`` tile of the image, with
+    spatially-aware values (the paper's attention stem).
+
+    The value of memory pixel (a, b) is a position-dependent mixture of ``mixtures`` value
+    projections: v_ab = sum_m p(a, b, m) W_V^m x_ab, p(a, b, .) = softmax_m((emb_row(a) +
+    emb_col(b)) . nu_m), with (a, b) the position inside the tile. Logits are q.k plus, with
+    ``pos_enc='relative'``, the row/column-offset term of :class:`sasa.SASA2d`. Tiles that overhang
+    the image are padded, and the padded keys masked out.
+    """
+
+    def __init__(self, in_channels, out_channels, block_size=4, heads=8, mixtures=4, pos_enc="relative"):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("block_size", block_size), ("heads", heads), ("mixtures", mixtures)):
+            check_positive_int(name, value)
+        check_choice("pos_enc", pos_enc, ("relative", "none"))
+        check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
+        self.head_dim = out_channels // heads
+        if pos_enc == "relative":
+            check_divisible("out_channels", out_channels, 2 * heads, "row and column halves of each head's embedding")
+        self.out_channels, self.block_size, self.heads, self.mixtures = out_channels, block_size, heads, mixtures
+        self.qk = nn.Conv2d(in_channels, 2 * out_channels, 1, bias=False)
+        self.values = nn.Conv2d(in_channels, mixtures * out_channels, 1, bias=False)
+        self.emb_row = nn.Parameter(torch.randn(block_size, out_channels) * out_channels**-0.5)
+        self.emb_col = nn.Parameter(torch.randn(block_size, out_channels) * out_channels**-0.5)
+        self.mixture_logits = nn.Parameter(torch.randn(mixtures, out_channels) * out_channels**-0.5)  # nu_m
+        if pos_enc == "relative":  # offsets -(b-1) .. b-1 inside a tile
+            self.rel_row = nn.Parameter(torch.randn(heads, self.head_dim // 2, 2 * block_size - 1) * self.head_dim**-0.5)
+            self.rel_col = nn.Parameter(torch.randn(heads, self.head_dim // 2, 2 * block_size - 1) * self.head_dim**-0.5)
+        else:
+            self.register_parameter("rel_row", None)
+            self.register_parameter("rel_col", None)
+
+    def _tiles(self, t):
+        """(B, C, Hp, Wp) -> (B, nH*nW, b*b, C): one row per tile, pixels in row-major order."""
+        B, C, Hp, Wp = t.shape
+        b = self.block_size
+        t = t.view(B, C, Hp // b, b, Wp // b, b).permute(0, 2, 4, 3, 5, 1)
+        return t.reshape(B, (Hp // b) * (Wp // b), b * b, C)
+
+    def _relative(self):
+        """(heads, head_dim, b*b queries, b*b keys): r for every pair of positions in a tile."""
+        b = self.block_size
+        pos = torch.arange(b, device=self.rel_row.device)
+        offset = pos[None, :] - pos[:, None] + b - 1  # [query, key] -> index of (key - query)
+        rows = self.rel_row[:, :, offset][:, :, :, None, :, None].expand(-1, -1, b, b, b, b)
+        cols = self.rel_col[:, :, offset][:, :, None, :, None, :].expand(-1, -1, b, b, b, b)
+        return torch.cat([rows, cols], dim=1).reshape(self.heads, self.head_dim, b * b, b * b)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        b, heads, hd = self.block_size, self.heads, self.head_dim
+        pad_h, pad_w = -H % b, -W % b
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        q, k = self._tiles(self.qk(x)).view(B, -1, b * b, 2, heads, hd).permute(3, 0, 1, 4, 2, 5)  # (B, T, h, b*b, hd)
+        mix = ((self.emb_row[:, None] + self.emb_col[None, :]) @ self.mixture_logits.t()).softmax(-1)  # (b, b, m)
+        values = self._tiles(self.values(x)).view(B, -1, b * b, self.mixtures, self.out_channels)
+        v = torch.einsum("btpmc,pm->btpc", values, mix.view(b * b, self.mixtures))
+        v = v.view(B, -1, b * b, heads, hd).transpose(2, 3)
+        logits = q @ k.transpose(-1, -2)
+        if self.rel_row is not None:
+            logits = logits + torch.einsum("bthpd,hdpq->bthpq", q, self._relative())
+        if pad_h or pad_w:
+            inside = F.pad(x.new_ones(1, 1, H, W), (0, pad_w, 0, pad_h))
+            logits = logits.masked_fill(self._tiles(inside).view(1, -1, 1, 1, b * b) == 0, float("-inf"))
+        out = logits.softmax(-1) @ v  # (B, T, h, b*b, hd)
+        out = out.view(B, Hp // b, Wp // b, heads, b, b, hd).permute(0, 3, 6, 1, 4, 2, 5)
+        return out.reshape(B, self.out_channels, Hp, Wp)[:, :, :H, :W]
+
+
+def conv_stem(in_chans, out_channels, *, small_input=False, **_):
+    """ResNet stem: 7x7/2 conv + 3x3/2 max pool, or a 3x3/1 conv for small inputs."""
+    if small_input:
+        layers = [("conv", nn.Conv2d(in_chans, out_channels, 3, 1, 1, bias=False))]
+    else:
+        layers = [("conv", nn.Conv2d(in_chans, out_channels, 7, 2, 3, bias=False))]
+    layers += [("bn", nn.BatchNorm2d(out_channels)), ("act", nn.ReLU(inplace=True))]
+    if not small_input:
+        layers.append(("pool", nn.MaxPool2d(3, 2, 1)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def attention_stem(in_chans, out_channels, *, small_input=False, heads=8, pos_enc="relative", mixtures=4, **_):
+    """The paper's stem: 4x4-tile attention with spatially-aware values, batch norm, 4x4 max pool
+    (no pool for small inputs). The paper applies no ReLU between them; neither do we.
+    ``absolute`` falls back to ``none`` here: the spatially-aware values already know their position."""
+    pos_enc = "relative" if pos_enc == "relative" else "none"
+    layers = [
+        ("attn", SpatiallyAwareAttention(in_chans, out_channels, block_size=4, heads=heads, mixtures=mixtures, pos_enc=pos_enc)),
+        ("bn", nn.BatchNorm2d(out_channels)),
+    ]
+    if not small_input:
+        layers.append(("pool", nn.MaxPool2d(4, 4, ceil_mode=True)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+STEMS = {"conv": conv_stem, "attention": attention_stem}
+STEM_STRIDE = {False: 4, True: 1}  # keyed by small_input

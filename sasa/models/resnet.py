@@ -1,0 +1,165 @@
+"""ResNet-26/38/50 bottleneck networks in conv, conv-stem + attention, full-attention and
+per-group hybrid forms (the paper's Tables 1 and 3)."""
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+from sasa.layers import POS_ENCODINGS, STEMS, create_mixer
+from sasa.layers._checks import check_choice, check_odd_kernel, check_positive_int
+from sasa.layers.stem import STEM_STRIDE
+from sasa.models.registry import register_model
+
+GROUPS = (1, 2, 3, 4)
+# A form is a shorthand for (stem, attention groups); explicit ``stem``/``attention_groups`` override it.
+FORMS = {
+    "conv": {"stem": "conv", "attention_groups": ()},
+    "conv_stem_attention": {"stem": "conv", "attention_groups": GROUPS},
+    "full_attention": {"stem": "attention", "attention_groups": GROUPS},
+}
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce -> spatial mixer (3x3 conv or attention, carries the stride) -> 1x1 expand."""
+
+    expansion = 4
+
+    def __init__(self, in_channels, width, stride, mixer, mixer_kwargs):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.reduce = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.mixer = create_mixer(mixer, width, width, stride, **mixer_kwargs)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.expand = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        out = self.act(self.bn1(self.reduce(x)))
+        out = self.act(self.bn2(self.mixer(out)))
+        out = self.bn3(self.expand(out))
+        return self.act(out + self.shortcut(x))
+
+
+def _attention_groups(value):
+    groups = tuple(sorted(set(value)))
+    if any(isinstance(g, bool) or not isinstance(g, int) or g not in GROUPS for g in groups):
+        raise ValueError(f"attention_groups={tuple(value)!r} is not supported; each group must be one of {GROUPS}")
+    return groups
+
+
+class ResNet(nn.Module):
+    """Bottleneck ResNet whose 3x3 convolutions are replaced by SASA in ``attention_groups``.
+
+    Module names: ``stem``, ``layer1``..``layer4`` (blocks with ``reduce``, ``mixer``,
+    ``expand``, ``shortcut``), ``fc``. ``small_input=True`` swaps in stems that keep the input
+    resolution (for 28-32 px images); the network's total stride is then 8 instead of 32.
+    """
+
+    def __init__(
+        self,
+        blocks,
+        *,
+        form="conv",
+        attention_groups=None,
+        stem=None,
+        kernel_size=7,
+        heads=8,
+        pos_enc="relative",
+        width=1.0,
+        num_classes=1000,
+        in_chans=3,
+        small_input=False,
+        impl="fast",
+    ):
+        super().__init__()
+        check_choice("form", form, tuple(FORMS))
+        stem = FORMS[form]["stem"] if stem is None else stem
+        check_choice("stem", stem, tuple(STEMS))
+        attention_groups = _attention_groups(FORMS[form]["attention_groups"] if attention_groups is None else attention_groups)
+        check_odd_kernel("kernel_size", kernel_size)  # checked even where no group uses attention
+        check_positive_int("heads", heads)
+        check_choice("pos_enc", pos_enc, POS_ENCODINGS)
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("in_chans", in_chans)
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+            raise ValueError(f"width must be a positive number, got {width!r}")
+        widths = [round(64 * width * 2**i) for i in range(4)]
+        if widths[0] < 1:
+            raise ValueError(f"width={width} leaves the first group with no channels")
+
+        self.config = dict(
+            form=form, stem=stem, attention_groups=attention_groups, kernel_size=kernel_size, heads=heads,
+            pos_enc=pos_enc, width=width, num_classes=num_classes, in_chans=in_chans, small_input=small_input,
+        )
+        self.in_chans = in_chans
+        self.min_input_size = STEM_STRIDE[bool(small_input)] * 8
+        attention = dict(kernel_size=kernel_size, heads=heads, pos_enc=pos_enc, impl=impl)
+        self.stem = STEMS[stem](in_chans, widths[0], small_input=small_input, heads=heads, pos_enc=pos_enc)
+        channels = widths[0]
+        for group, (n, w) in enumerate(zip(blocks, widths), start=1):
+            mixer = "sasa" if group in attention_groups else "conv"
+            layer = []
+            for i in range(n):
+                stride = 2 if group > 1 and i == 0 else 1
+                layer.append(Bottleneck(channels, w, stride, mixer, attention if mixer == "sasa" else {}))
+                channels = w * Bottleneck.expansion
+            self.add_module(f"layer{group}", nn.Sequential(*layer))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        self.num_features = channels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected input of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"input {x.shape[-2]}x{x.shape[-1]} is too small for this network: it needs at least "
+                f"{self.min_input_size}x{self.min_input_size} (use small_input=True for 28-32 px images)"
+            )
+        x = self.stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+_TORCHVISION_KEYS = [
+    (r"^conv1\.", "stem.conv."),
+    (r"^bn1\.", "stem.bn."),
+    (r"\.conv1\.", ".reduce."),
+    (r"\.conv2\.", ".mixer."),
+    (r"\.conv3\.", ".expand."),
+    (r"\.downsample\.", ".shortcut."),
+]
+
+
+def from_torchvision_state_dict(state_dict):
+    """Rename a torchvision ResNet state dict for the conv form, e.g. to start from its weights."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _TORCHVISION_KEYS:
+            key = re.sub(pattern, repl, key)
+        renamed[key] = value
+    return renamed
+
+
+@register_model
+def resnet26(**kwargs):
+    return ResNet([1, 2, 4, 1], **kwargs)
+
+
+@register_model
+def resnet38(**kwargs):
+    return ResNet([2, 3, 5, 2], **kwargs)
+
+
+@register_model
+def resnet50(**kwargs):
+    return ResNet([3, 4, 6, 3], **kwargs)

@@ -1,0 +1,220 @@
+"""Local self-attention over the k x k window of every pixel: a reference and a fast kernel.
+
+Both take q, k, v of shape (B, heads, d, H, W) and return (B, heads, d, H, W). The logit of
+query pixel (i, j) for memory pixel (a, b) is q_ij . k_ab + q_ij . r_(a-i, b-j) with
+r = [row embedding (d/2), column embedding (d/2)] (``rel_row``, ``rel_col``: (heads, d/2, k)).
+Window positions outside the image are masked: they take no softmax weight, so a border pixel
+attends over the part of its window that lies in the image (the paper leaves borders open;
+zero-padded keys would still soak up probability mass).
+
+``reference_local_attention`` is the obviously-correct unfold formulation: it materialises every
+window, O(k^2 C H W) memory. ``fast_local_attention`` visits the k^2 offsets one at a time with an
+online softmax and recomputes them in its backward pass (as FlashAttention does), so it keeps
+only the output and one log-sum-exp per pixel and head: activation memory independent of k.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+
+def reference_local_attention(q, k, v, kernel_size, rel_row=None, rel_col=None):
+    """Unfold every k x k window and take a masked softmax over it (the paper's formula)."""
+    B, heads, d, H, W = q.shape
+    kk = kernel_size * kernel_size
+
+    def windows(t):  # (B, heads, d, H, W) -> (B, heads, d, k*k, H, W), zeros outside the image
+        cols = F.unfold(t.reshape(B, heads * d, H, W), kernel_size, padding=kernel_size // 2)
+        return cols.view(B, heads, d, kk, H, W)
+
+    inside = F.unfold(q.new_ones(1, 1, H, W), kernel_size, padding=kernel_size // 2)
+    inside = inside.view(1, 1, kk, H, W) > 0
+    logits = (q.unsqueeze(3) * windows(k)).sum(2)  # (B, heads, k*k, H, W)
+    if rel_row is not None:
+        half = rel_row.shape[1]
+        r = torch.cat(  # r[:, :, di, dj] = [rel_row[:, :, di], rel_col[:, :, dj]]
+            [
+                rel_row[:, :, :, None].expand(heads, half, kernel_size, kernel_size),
+                rel_col[:, :, None, :].expand(heads, half, kernel_size, kernel_size),
+            ],
+            dim=1,
+        )
+        logits = logits + torch.einsum("bhdyx,hdn->bhnyx", q, r.flatten(2))
+    attn = logits.masked_fill(~inside, float("-inf")).softmax(dim=2)
+    return (attn.unsqueeze(2) * windows(v)).sum(3)
+
+
+def fast_local_attention(q, k, v, kernel_size, rel_row=None, rel_col=None):
+    """Same result as the reference, computed offset by offset (see the module docstring).
+
+    The relative term is factorised, q.r = q_row . rel_row[di] + q_col . rel_col[dj], so it costs
+    k d per pixel instead of k^2 d and enters the kernel as two (B, heads, k, H, W) logit tables.
+    """
+    if rel_row is None:
+        row_logits = col_logits = q.new_zeros(1, 1, kernel_size, 1, 1)
+    else:
+        half = rel_row.shape[1]
+        row_logits = torch.einsum("bhcyx,hck->bhkyx", q[:, :, :half], rel_row)
+        col_logits = torch.einsum("bhcyx,hck->bhkyx", q[:, :, half:], rel_col)
+    out, _ = local_attention(q, k, v, row_logits, col_logits, kernel_size)
+    return out
+
+
+# --- the fast kernel as a custom op: opaque to autograd (own backward), to FlopCounterMode (own
+# --- formula) and to torch.compile (fake implementation below).
+
+
+def _offsets(kernel_size):
+    """Window offsets, the centre first: it is always inside the image, so the running max of
+    the online softmax is finite from the first step and masked offsets contribute exp(-inf) = 0."""
+    c = kernel_size // 2
+    rest = [(i, j) for i in range(kernel_size) for j in range(kernel_size) if (i, j) != (c, c)]
+    return [(c, c)] + rest
+
+
+def _border_masks(kernel_size, H, W, like):
+    """Additive masks (k, H, 1) and (k, 1, W): 0 where offset di (dj) stays inside, -inf outside."""
+    c = kernel_size // 2
+    offs = torch.arange(kernel_size, device=like.device)[:, None] - c
+
+    def mask(n):
+        pos = torch.arange(n, device=like.device)[None, :] + offs
+        inside = (pos >= 0) & (pos < n)
+        return torch.zeros(inside.shape, dtype=like.dtype, device=like.device).masked_fill(~inside, float("-inf"))
+
+    return mask(H)[:, :, None], mask(W)[:, None, :]
+
+
+class _Windows:
+    """Zero-padded copies of k and v whose shifted views are the memory pixels of one offset."""
+
+    def __init__(self, q, k, v, row_logits, col_logits, kernel_size):
+        self.H, self.W = q.shape[-2:]
+        c = kernel_size // 2
+        self.k = F.pad(k, (c, c, c, c))
+        self.v = F.pad(v, (c, c, c, c))
+        self.q, self.row, self.col = q, row_logits, col_logits
+        self.row_mask, self.col_mask = _border_masks(kernel_size, self.H, self.W, q)
+
+    def window(self, t, di, dj):
+        return t[..., di : di + self.H, dj : dj + self.W]
+
+    def logits(self, di, dj):
+        s = (self.q * self.window(self.k, di, dj)).sum(2)
+        return s + self.row[:, :, di] + self.col[:, :, dj] + self.row_mask[di] + self.col_mask[dj]
+
+
+@torch.library.custom_op("sasa::local_attention", mutates_args=())
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    row_logits: torch.Tensor,
+    col_logits: torch.Tensor,
+    kernel_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the attention output and the log-sum-exp of every (pixel, head) softmax."""
+    w = _Windows(q, k, v, row_logits, col_logits, kernel_size)
+    for n, (di, dj) in enumerate(_offsets(kernel_size)):
+        s = w.logits(di, dj)
+        vw = w.window(w.v, di, dj)
+        if n == 0:
+            m, total, acc = s, torch.ones_like(s), vw.clone()
+            continue
+        m_new = torch.maximum(m, s)
+        rescale, p = torch.exp(m - m_new), torch.exp(s - m_new)
+        total = total * rescale + p
+        acc = acc.mul_(rescale.unsqueeze(2)).addcmul_(p.unsqueeze(2), vw)
+        m = m_new
+    return acc / total.unsqueeze(2), m + total.log()
+
+
+@local_attention.register_fake
+def _(q, k, v, row_logits, col_logits, kernel_size):
+    return torch.empty_like(q), q.new_empty(q.shape[:2] + q.shape[3:])
+
+
+@torch.library.custom_op("sasa::local_attention_backward", mutates_args=())
+def local_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    row_logits: torch.Tensor,
+    col_logits: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recomputes each offset's probabilities from the saved log-sum-exp (no k^2 storage)."""
+    w = _Windows(q, k, v, row_logits, col_logits, kernel_size)
+    delta = (grad_out * out).sum(2)  # sum_s p_s (dout . v_s)
+    B, heads, _, H, W = q.shape
+    dq = torch.zeros_like(q)
+    dk, dv = torch.zeros_like(w.k), torch.zeros_like(w.v)
+    drow = q.new_zeros(B, heads, kernel_size, H, W)
+    dcol = q.new_zeros(B, heads, kernel_size, H, W)
+    for di, dj in _offsets(kernel_size):
+        p = torch.exp(w.logits(di, dj) - lse)
+        w.window(dv, di, dj).addcmul_(p.unsqueeze(2), grad_out)
+        ds = p * ((grad_out * w.window(w.v, di, dj)).sum(2) - delta)
+        dq.addcmul_(ds.unsqueeze(2), w.window(w.k, di, dj))
+        w.window(dk, di, dj).addcmul_(ds.unsqueeze(2), q)
+        drow[:, :, di] += ds
+        dcol[:, :, dj] += ds
+    c = kernel_size // 2
+    return (
+        dq,
+        dk[..., c : c + H, c : c + W].contiguous(),
+        dv[..., c : c + H, c : c + W].contiguous(),
+        drow.sum_to_size(row_logits.shape).contiguous(),
+        dcol.sum_to_size(col_logits.shape).contiguous(),
+    )
+
+
+@local_attention_backward.register_fake
+def _(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(row_logits),
+        torch.empty_like(col_logits),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, row_logits, col_logits, kernel_size = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, row_logits, col_logits, out, lse)
+    ctx.kernel_size = kernel_size
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    grads = local_attention_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.kernel_size)
+    return (*grads, None)
+
+
+local_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _attention_macs(q_shape, kernel_size):
+    B, heads, d, H, W = q_shape
+    return B * heads * H * W * kernel_size * kernel_size * d
+
+
+@register_flop_formula(torch.ops.sasa.local_attention)
+def _local_attention_flops(q_shape, k_shape, v_shape, row_shape, col_shape, kernel_size, *args, **kwargs):
+    """q.k logits plus the softmax-weighted sum of values: 2 k^2 d multiply-adds per pixel and head."""
+    return 2 * 2 * _attention_macs(q_shape, kernel_size)
+
+
+@register_flop_formula(torch.ops.sasa.local_attention_backward)
+def _local_attention_backward_flops(grad_shape, q_shape, *args, **kwargs):
+    """Recomputed logits, dv, dp, dq and dk: 5 k^2 d multiply-adds per pixel and head."""
+    kernel_size = args[-1]
+    return 2 * 5 * _attention_macs(q_shape, kernel_size)
+
+
+LOCAL_ATTENTION_IMPLS = {"reference": reference_local_attention, "fast": fast_local_attention}

@@ -1,0 +1,89 @@
+"""The two local-attention kernels compute the paper's formula, and agree with each other."""
+import pytest
+import torch
+
+from sasa.ops.local_attention import fast_local_attention, reference_local_attention
+
+D = torch.float64
+
+
+def _inputs(B, heads, d, H, W, k, rel, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, kk, v = (torch.randn(B, heads, d, H, W, generator=g, dtype=D, requires_grad=True) for _ in range(3))
+    rr = rc = None
+    if rel:
+        rr, rc = (torch.randn(heads, d // 2, k, generator=g, dtype=D, requires_grad=True) for _ in range(2))
+    return q, kk, v, rr, rc
+
+
+def test_reference_matches_explicit_per_pixel_formula():
+    """Loop over pixels and in-image window positions: softmax(q.k + q.[r_row, r_col]) v."""
+    B, heads, d, H, W, k = 1, 2, 4, 4, 5, 3
+    q, kk, v, rr, rc = _inputs(B, heads, d, H, W, k, rel=True)
+    out = reference_local_attention(q, kk, v, k, rr, rc)
+    c = k // 2
+    for h in range(heads):
+        for i in range(H):
+            for j in range(W):
+                logits, values = [], []
+                for a in range(i - c, i + c + 1):
+                    for b in range(j - c, j + c + 1):
+                        if 0 <= a < H and 0 <= b < W:
+                            r = torch.cat([rr[h, :, a - i + c], rc[h, :, b - j + c]])
+                            logits.append(q[0, h, :, i, j] @ (kk[0, h, :, a, b] + r))
+                            values.append(v[0, h, :, a, b])
+                expected = torch.stack(logits).softmax(0) @ torch.stack(values)
+                torch.testing.assert_close(out[0, h, :, i, j], expected)
+
+
+CASES = [  # B, heads, d, H, W, k, relative
+    (2, 2, 4, 5, 7, 3, True),
+    (1, 3, 6, 9, 4, 5, True),
+    (1, 1, 2, 3, 3, 7, False),  # window larger than the image
+    (2, 4, 2, 1, 6, 3, True),  # a single row
+    (1, 2, 8, 11, 13, 11, True),
+    (3, 1, 4, 6, 6, 1, True),  # k = 1: every pixel attends to itself only
+]
+
+
+@pytest.mark.parametrize("B,heads,d,H,W,k,rel", CASES)
+def test_fast_equals_reference_forward_and_backward(B, heads, d, H, W, k, rel):
+    inputs = _inputs(B, heads, d, H, W, k, rel)
+    leaves = [t for t in inputs if t is not None]
+    grad = torch.randn(B, heads, d, H, W, dtype=D, generator=torch.Generator().manual_seed(1))
+    ref = reference_local_attention(*inputs[:3], k, *inputs[3:])
+    fast = fast_local_attention(*inputs[:3], k, *inputs[3:])
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    for g_fast, g_ref in zip(torch.autograd.grad(fast, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_fast_kernel_passes_gradcheck():
+    q, kk, v, rr, rc = _inputs(1, 2, 2, 4, 3, 3, rel=True)
+    assert torch.autograd.gradcheck(lambda *t: fast_local_attention(*t[:3], 3, *t[3:]), (q, kk, v, rr, rc))
+
+
+def _saved_bytes(fn, k):
+    """Bytes autograd keeps for the backward pass (activation memory of the op)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    q, kk, v, rr, rc = _inputs(2, 4, 8, 16, 16, k, rel=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(q, kk, v, k, rr, rc)
+    return total
+
+
+def test_fast_kernel_memory_does_not_grow_with_window_area():
+    """Only the (B, heads, k, H, W) row/column logit tables grow with k; no k^2 x C storage."""
+    B, heads, C, H, W, elt = 2, 4, 32, 16, 16, 8
+    fast_growth = _saved_bytes(fast_local_attention, 11) - _saved_bytes(fast_local_attention, 3)
+    ref_growth = _saved_bytes(reference_local_attention, 11) - _saved_bytes(reference_local_attention, 3)
+    table_growth = 2 * B * heads * (11 - 3) * H * W * elt
+    param_growth = 2 * 2 * heads * 4 * (11 - 3) * elt  # rel_row/rel_col saved by the einsums
+    assert fast_growth <= table_growth + param_growth
+    assert ref_growth >= (11**2 - 3**2) * B * C * H * W * elt  # the reference's unfolded windows

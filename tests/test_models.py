@@ -1,0 +1,118 @@
+"""The ResNets: the paper's parameter and FLOP counts, torchvision's ResNet-50, forms and errors."""
+import pytest
+import torch
+import torchvision
+
+import sasa
+from sasa.layers import SASA2d
+from sasa.models import from_torchvision_state_dict
+from sasa.paper import TABLE1, TABLE3, TABLE4
+
+
+def _rel(ours, paper):
+    return abs(ours - paper) / paper
+
+
+def test_table1_params_and_flops_match_the_paper():
+    rows = []
+    for (name, form), (gflops, mparams, _) in TABLE1.items():
+        c = sasa.count(sasa.create_model(name, form=form), 224)
+        rows.append((name, form, c.params / 1e6, mparams, c.flops / 1e9, gflops))
+    print(f"\n{'model':<9} {'form':<20} {'params M':>9} {'paper':>6} {'GFLOPs':>7} {'paper':>6}")
+    for name, form, p, pp, f, pf in rows:
+        print(f"{name:<9} {form:<20} {p:9.2f} {pp:6.1f} {f:7.2f} {pf:6.1f}")
+    for name, form, p, pp, f, pf in rows:
+        assert _rel(p, pp) <= 0.03, (name, form, p, pp)
+        assert _rel(f, pf) <= (0.05 if form == "conv" else 0.10), (name, form, f, pf)
+
+
+def test_table3_and_table4_counts_match_the_paper():
+    for k, (gflops, mparams, _) in TABLE4.items():
+        c = sasa.count(sasa.create_model("resnet50", form="conv_stem_attention", kernel_size=k), 224)
+        assert _rel(c.params / 1e6, mparams) <= 0.03 and _rel(c.flops / 1e9, gflops) <= 0.05, (k, c)
+    for groups, (gflops, mparams, _) in TABLE3.items():
+        c = sasa.count(sasa.create_model("resnet50", form="conv_stem_attention", attention_groups=groups), 224)
+        assert _rel(c.params / 1e6, mparams) <= 0.03 and _rel(c.flops / 1e9, gflops) <= 0.05, (groups, c)
+
+
+def test_conv_resnet50_is_torchvisions_resnet50():
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50().eval()
+    ours = sasa.create_model("resnet50", form="conv").eval()
+    ours.load_state_dict(from_torchvision_state_dict(reference.state_dict()), strict=True)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters()) == 25_557_032
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x))
+    assert sasa.count(ours, 224).macs == sasa.count(reference, 224).macs
+
+
+@pytest.mark.parametrize("form", list(sasa.FORMS))
+@pytest.mark.parametrize("name", ["resnet26", "resnet38", "resnet50"])
+def test_every_form_trains_one_step_on_small_inputs(name, form):
+    model = sasa.create_model(name, form=form, width=0.25, heads=2, num_classes=10, in_chans=1, small_input=True)
+    x, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 7])
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("groups", [(1,), (2, 3, 4), (4,), ()])
+def test_attention_goes_exactly_where_asked(groups):
+    model = sasa.create_model("resnet26", form="conv_stem_attention", attention_groups=groups, width=0.25, heads=2)
+    for g in (1, 2, 3, 4):
+        mixers = [block.mixer for block in getattr(model, f"layer{g}")]
+        assert all(isinstance(m, SASA2d) == (g in groups) for m in mixers)
+
+
+def test_form_sets_the_stem_and_groups():
+    assert isinstance(sasa.create_model("resnet26", form="full_attention").stem.attn, sasa.SpatiallyAwareAttention)
+    assert sasa.create_model("resnet26", form="conv_stem_attention").config["stem"] == "conv"
+    assert sasa.create_model("resnet26", form="conv", stem="attention").config["stem"] == "attention"
+
+
+def test_count_sees_attention_with_either_kernel_and_an_exact_layer_formula():
+    layer = SASA2d(16, 32, kernel_size=5, heads=4)
+    H = W = 10
+    qkv = 3 * 16 * 32 * H * W
+    attention = 2 * 5 * 5 * 32 * H * W  # logits and weighted sum
+    relative = 2 * 5 * (32 // 2) * H * W  # factorised row and column terms
+    expected = qkv + attention + relative
+    assert sasa.count(layer, (16, H, W)).macs == expected
+    layer.impl = "reference"
+    assert sasa.count(layer, (16, H, W)).macs == expected and layer.impl == "reference"
+
+
+BAD = [
+    (dict(name="resnet51"), "model"),
+    (dict(form="hybrid"), "form"),
+    (dict(stem="patchify"), "stem"),
+    (dict(pos_enc="rotary"), "pos_enc"),
+    (dict(attention_groups=(0, 2)), "attention_groups"),
+    (dict(attention_groups=(5,)), "attention_groups"),
+    (dict(kernel_size=6), "kernel_size"),
+    (dict(form="full_attention", heads=7), "out_channels"),
+    (dict(width=0), "width"),
+    (dict(num_classes=0), "num_classes"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", BAD)
+def test_bad_model_arguments(kwargs, name):
+    kwargs = dict(kwargs)
+    with pytest.raises(ValueError, match=name):
+        sasa.create_model(kwargs.pop("name", "resnet26"), **kwargs)
+
+
+@pytest.mark.parametrize("small_input,size", [(False, 31), (True, 7)])
+def test_input_too_small_for_the_network(small_input, size):
+    model = sasa.create_model("resnet26", width=0.25, small_input=small_input)
+    with pytest.raises(ValueError, match="too small"):
+        model(torch.randn(1, 3, size, size))
+    with pytest.raises(ValueError, match="too small"):
+        sasa.count(model, size)
+
+
+def test_wrong_input_channels():
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        sasa.create_model("resnet26", in_chans=1, width=0.25)(torch.randn(1, 3, 64, 64))
