@@ -1,4 +1,5 @@
-# Two entry points: `make run` (the main job) and `make test`. Both build .venv on first use.
+# Two entry points: `make run` (the main job: `dvc repro`) and `make test`. Both build .venv on first use.
+# DVC stage commands call `python`, so the venv goes first on PATH.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -8,11 +9,11 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[pipeline,test]'
 	touch $@
 
 run: install
-	$(PY) -m sasa table --resolution 224
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 test: install
 	$(PY) -m pytest

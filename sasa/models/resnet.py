@@ -59,6 +59,9 @@ class ResNet(nn.Module):
     Module names: ``stem``, ``layer1``..``layer4`` (blocks with ``reduce``, ``mixer``,
     ``expand``, ``shortcut``), ``fc``. ``small_input=True`` swaps in stems that keep the input
     resolution (for 28-32 px images); the network's total stride is then 8 instead of 32.
+    ``zero_init_residual=True`` starts every block as the identity (last batch-norm scale 0, as
+    in Google's TPU ResNets): attention layers start as near-uniform window averages, and this
+    keeps them from scrambling the residual stream (and the batch-norm statistics) early on.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class ResNet(nn.Module):
         num_classes=1000,
         in_chans=3,
         small_input=False,
+        zero_init_residual=False,
         impl="fast",
     ):
         super().__init__()
@@ -96,6 +100,7 @@ class ResNet(nn.Module):
         self.config = dict(
             form=form, stem=stem, attention_groups=attention_groups, kernel_size=kernel_size, heads=heads,
             pos_enc=pos_enc, width=width, num_classes=num_classes, in_chans=in_chans, small_input=small_input,
+            zero_init_residual=zero_init_residual,
         )
         self.in_chans = in_chans
         self.min_input_size = STEM_STRIDE[bool(small_input)] * 8
@@ -116,6 +121,8 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if zero_init_residual and isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_chans:

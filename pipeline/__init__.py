@@ -1,0 +1,1 @@
+"""The reproducible pipeline: DVC stages (prepare -> train -> report) over the ``sasa`` library."""

@@ -1,0 +1,68 @@
+"""The LightningModule shared by the ``train`` stage and the sweeps: one training loop."""
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from pipeline.config import ArchConfig, TrainConfig
+
+
+def warmup_cosine(step, warmup_steps, total_steps):
+    """Linear warm-up to 1, then cosine decay to 0: the paper's schedule as a LambdaLR factor."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, arch: dict, num_classes: int, in_chans: int, train: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_cfg = TrainConfig(**train)
+        self.model = ArchConfig(**arch).build(num_classes=num_classes, in_chans=in_chans)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.train_cfg.label_smoothing)
+        top5 = min(5, num_classes)
+        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.train_top1(logits, y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train_top1", self.train_top1, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.val_top1(logits, y)
+        self.val_top5(logits, y)
+        self.log("val_loss", self.criterion(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val_top1", self.val_top1, on_epoch=True, prog_bar=True)
+        self.log("val_top5", self.val_top5, on_epoch=True)
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        decay, no_decay = [], []
+        for p in self.parameters():  # no weight decay on norms, biases and embeddings' 1-D vectors
+            (decay if p.ndim > 1 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        else:  # momentum is beta1
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = round(cfg.warmup_epochs * total / cfg.epochs)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

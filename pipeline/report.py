@@ -1,0 +1,165 @@
+"""Stage ``report``: read the variants' runs back from MLflow and write ``reports/``.
+
+- ``accuracy_vs_flops.png`` / ``accuracy_vs_params.png``: top-1 against cost, one marker per
+  form, the Pareto front drawn, points labelled;
+- ``results.md``: a table in the shape of the paper's Table 1, the paper's ImageNet numbers
+  beside ours for the same model names, then every variant;
+- ``results.csv``: the same rows for ``dvc plots``.
+Only finished runs whose configuration fingerprint matches the current ``params.yaml`` count,
+so a stale run of an older configuration never shows up as a result.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from pipeline.config import Config
+from pipeline.stage import StageError, atomic_dir, run_stage
+from pipeline.tracking import tracking_uri
+from sasa.paper import TABLE1
+
+REPORTS = Path("reports")
+MARKERS = {"conv": "o", "conv_stem_attention": "s", "full_attention": "^"}
+DEPTH_NAMES = {"resnet26": "ResNet-26", "resnet38": "ResNet-38", "resnet50": "ResNet-50"}
+
+
+def load_runs(cfg: Config) -> list[dict]:
+    """The latest finished MLflow run of every variant in ``models.variants``, as flat rows."""
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        raise StageError(f"no MLflow experiment {cfg.mlflow.experiment!r} at {tracking_uri(cfg)}: run the train stage first")
+    rows, missing = [], []
+    for variant in cfg.models.variants:
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=(
+                f"tags.`sasa.kind` = 'train' and tags.`sasa.variant` = '{variant}' "
+                f"and tags.`sasa.fingerprint` = '{cfg.fingerprint(variant)}' and attributes.status = 'FINISHED'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not runs:
+            missing.append(variant)
+            continue
+        run, arch = runs[0], cfg.models.resolved(variant)
+        m = run.data.metrics
+        rows.append({
+            "variant": variant, "model": arch.model or "resnet26", "form": arch.form or "conv",
+            "params": int(m["params"]), "mflops": m["flops"] / 1e6, "top1": 100 * m["top1"], "top5": 100 * m["top5"],
+            "images_per_s": m.get("throughput_images_per_s", float("nan")), "run_id": run.info.run_id,
+        })
+    if missing:
+        raise StageError(f"no finished MLflow run with the current configuration for: {', '.join(missing)} (run dvc repro)")
+    return rows
+
+
+def pareto_front(points):
+    """Points not beaten by a cheaper-or-equal, at-least-as-accurate one, by increasing cost."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot(rows, x_key, x_label, label_points):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for form in sorted({r["form"] for r in rows}):
+        pts = [r for r in rows if r["form"] == form]
+        ax.scatter([r[x_key] for r in pts], [r["top1"] for r in pts], marker=MARKERS.get(form, "D"), s=60, label=form.replace("_", " "))
+    front = pareto_front([(r[x_key], r["top1"]) for r in rows])
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.5", linestyle="--", linewidth=1, label="Pareto front")
+    if label_points:
+        for r in rows:
+            ax.annotate(r["variant"], (r[x_key], r["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("val top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown(rows, cfg: Config) -> str:
+    depths = [d for d in DEPTH_NAMES if any(r["model"] == d for r in rows)]
+    lines = [
+        "# Results",
+        "",
+        f"Dataset `{cfg.data.source}` at {cfg.data.resolution} px; runs read from MLflow (`{tracking_uri(cfg)}`, "
+        f"experiment `{cfg.mlflow.experiment}`). FLOPs = 2 x multiply-adds per image at the training resolution.",
+        "",
+        "![top-1 vs FLOPs](accuracy_vs_flops.png)",
+        "",
+        "## In the shape of the paper's Table 1",
+        "",
+        "Each cell: FLOPs / params / top-1. *Paper*: ImageNet, 224 px, full-width models (GFLOPs, M params). "
+        "*Ours*: this run's variant of the same model name and form (MFLOPs, M params).",
+        "",
+        "| form | | " + " | ".join(DEPTH_NAMES[d] for d in depths) + " |",
+        "|---|---|" + "---|" * len(depths),
+    ]
+    for form in dict.fromkeys(f for _, f in TABLE1):
+        ours = {r["model"]: r for r in rows if r["form"] == form}
+        if not any(d in ours for d in depths):
+            continue
+        cells = [f"{ours[d]['mflops']:.1f} M / {ours[d]['params'] / 1e6:.2f} M / {ours[d]['top1']:.1f}" if d in ours else "-" for d in depths]
+        paper = ["{:.1f} G / {:.1f} M / {:.1f}".format(*TABLE1[(d, form)]) for d in depths]
+        lines.append(f"| {form.replace('_', ' ')} | ours | " + " | ".join(cells) + " |")
+        lines.append("| | paper | " + " | ".join(paper) + " |")
+    lines += [
+        "",
+        "## All variants",
+        "",
+        "| variant | model | form | params | MFLOPs | top-1 % | top-5 % | train images/s | MLflow run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["mflops"]):
+        lines.append(
+            f"| {r['variant']} | {r['model']} | {r['form']} | {r['params']:,} | {r['mflops']:.1f} | {r['top1']:.2f} | "
+            f"{r['top5']:.2f} | {r['images_per_s']:.0f} | `{r['run_id']}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def report(cfg: Config, out: Path = REPORTS):
+    rows = load_runs(cfg)
+    with atomic_dir(out) as tmp:
+        (tmp / "accuracy_vs_flops.png").write_bytes(plot(rows, "mflops", "FLOPs per image (M)", cfg.report.label_points))
+        (tmp / "accuracy_vs_params.png").write_bytes(
+            plot([{**r, "mparams": r["params"] / 1e6} for r in rows], "mparams", "parameters (M)", cfg.report.label_points)
+        )
+        (tmp / "results.md").write_text(markdown(rows, cfg))
+        (tmp / "results.csv").write_text(write_csv(rows))
+    print(json.dumps({r["variant"]: round(r["top1"], 2) for r in rows}))
+    print(f"wrote {out}/results.md, accuracy_vs_flops.png, accuracy_vs_params.png, results.csv")
+
+
+def main(argv=None):
+    run_stage(__doc__.splitlines()[0], lambda cfg, args: report(cfg), argv=argv)
+
+
+if __name__ == "__main__":
+    main()

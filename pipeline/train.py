@@ -1,0 +1,171 @@
+"""Stage ``train``: train one model variant with Lightning, track it in MLflow, resume if interrupted.
+
+``python -m pipeline.train --variant NAME``. Checkpoints go to ``checkpoints/NAME/`` every epoch;
+``run.json`` there records the MLflow run and a fingerprint of the variant's configuration. A re-run
+with the same fingerprint resumes from ``last.ckpt`` into the same MLflow run; a changed
+configuration starts afresh. The stage writes ``metrics/NAME.json`` (what DVC tracks) last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow import MlflowClient
+from mlflow.entities import Param
+
+import sasa
+from pipeline.config import Config, ConfigError
+from pipeline.data import PreparedDataModule
+from pipeline.module import Classifier
+from pipeline.stage import atomic_write_text, run_stage
+from pipeline.tracking import flatten, git_commit, tracking_uri
+
+CHECKPOINTS = Path("checkpoints")
+METRICS = Path("metrics")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file and rename it, so a kill mid-write never leaves a
+    truncated ``last.ckpt`` to resume from (Lightning writes in place)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        tmp = f"{path}.tmp"
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+class Throughput(pl.Callback):
+    """Training images per second over each epoch, all processes together, data loading included."""
+
+    def __init__(self):
+        self.rates = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.images, self.start = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.images += batch[0].shape[0] * trainer.world_size
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        rate = self.images / (time.perf_counter() - self.start)
+        self.rates.append(rate)
+        pl_module.log("train_images_per_s", rate, rank_zero_only=True)
+
+
+def _is_global_zero() -> bool:
+    """True in the process that launches training (DDP re-executes this script for other ranks)."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _precision(cfg: Config) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: Path, counts: sasa.Counts) -> str:
+    """Rank 0: reuse the MLflow run of an interrupted attempt with the same configuration."""
+    fingerprint = cfg.fingerprint(variant)
+    state_file = ckpt_dir / "run.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if state and state.get("fingerprint") == fingerprint:
+        return state["run_id"]
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # checkpoints of another configuration
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow.experiment)
+    arch = cfg.models.resolved(variant)
+    tags = {"sasa.kind": "train", "sasa.variant": variant, "dvc.stage": f"train@{variant}", "sasa.fingerprint": fingerprint}
+    tags.update({"sasa.model": arch.model or "resnet26", "sasa.form": arch.form or "conv"})
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=variant, tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten("data", cfg.data.model_dump()).items()])
+    for name, value in counts.as_dict().items():
+        client.log_metric(run.info.run_id, name, value)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(state_file, json.dumps({"fingerprint": fingerprint, "run_id": run.info.run_id}))
+    return run.info.run_id
+
+
+def train(cfg: Config, variant: str) -> dict | None:
+    if variant not in cfg.models.variants:
+        raise ConfigError(f"--variant {variant!r} is not in models.variants; defined: {', '.join(cfg.models.variants)}")
+    pl.seed_everything(cfg.train.seed, workers=True)
+    data = PreparedDataModule(cfg.data, cfg.train.batch_size)
+    arch = cfg.models.resolved(variant)
+    module = Classifier(arch.model_dump(), data.num_classes, data.in_chans, cfg.train.model_dump())
+    counts = sasa.count(module.model, (data.in_chans, cfg.data.resolution, cfg.data.resolution))
+    ckpt_dir = CHECKPOINTS / variant
+    run_id = _start_or_resume_run(cfg, variant, ckpt_dir, counts) if _is_global_zero() else None
+
+    throughput = Throughput()
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1, save_last=True),
+        throughput,
+    ]
+    if cfg.train.ema_decay:
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
+    trainer = pl.Trainer(
+        max_epochs=cfg.train.epochs,
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        num_nodes=cfg.train.num_nodes,
+        strategy=cfg.train.strategy,
+        precision=_precision(cfg),
+        logger=MLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        limit_train_batches=cfg.train.limit_train_batches,
+        limit_val_batches=cfg.train.limit_val_batches,
+        enable_progress_bar=cfg.train.progress_bar,
+        log_every_n_steps=1,
+    )
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None)
+    if not trainer.is_global_zero:
+        return None
+    return _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir)
+
+
+def _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir):
+    client = MlflowClient(tracking_uri(cfg))
+    history = client.get_run(run_id).data.metrics
+    final = {k: float(trainer.callback_metrics.get(k, history.get(k, float("nan")))) for k in ("val_top1", "val_top5")}
+    rate = statistics.median(throughput.rates) if throughput.rates else history.get("throughput_images_per_s", float("nan"))
+    results = {"top1": final["val_top1"], "top5": final["val_top5"], "throughput_images_per_s": rate}
+    for name, value in results.items():
+        client.log_metric(run_id, name, value)
+    best = ckpt_dir / "best.ckpt"
+    if best.is_file():
+        client.log_artifact(run_id, str(best), artifact_path="checkpoints")
+    summary = {"variant": variant, "run_id": run_id, **results, **counts.as_dict(), "epochs": trainer.current_epoch}
+    atomic_write_text(METRICS / f"{variant}.json", json.dumps(summary, indent=2))
+    print(f"{variant}: top-1 {results['top1']:.4f}, {counts.flops / 1e6:.1f} MFLOPs, {counts.params / 1e6:.3f} M params")
+    return summary
+
+
+def main(argv=None):
+    run_stage(
+        __doc__.splitlines()[0],
+        lambda cfg, args: train(cfg, args.variant),
+        add_arguments=lambda p: p.add_argument("--variant", required=True, help="a key of models.variants"),
+        argv=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()

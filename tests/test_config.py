@@ -1,0 +1,67 @@
+"""params.yaml is validated once, up front, with errors that name the key path."""
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from pipeline.prepare import main as prepare_main
+from tests.conftest import REPO, write_params
+
+
+def test_the_projects_params_yaml_is_valid():
+    cfg = load_config(REPO / "params.yaml")
+    assert set(cfg.models.variants) >= {"conv", "conv_stem_attention", "full_attention"}
+    assert cfg.mlflow.tracking_uri.startswith("sqlite:///")
+
+
+BAD = [
+    ({"train": {"epochs": 0}}, "train.epochs"),
+    ({"train": {"lr": -0.1}}, "train.lr"),
+    ({"train": {"batch_size": "big"}}, "train.batch_size"),
+    ({"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key"),
+    ({"data": {"source": "imagenet"}}, "data.source"),
+    ({"mlflow": {"tracking_uri": "./mlruns"}}, "mlflow.tracking_uri"),
+    ({"models": {"variants": {"conv": {"kernel_size": 4, "form": "full_attention"}}}}, "models.variants.conv: kernel_size"),
+    ({"models": {"variants": {"conv": {"form": "hybrid"}}}}, "models.variants.conv: form='hybrid'"),
+    ({"models": {"variants": {"conv": {"stem": "patchify"}}}}, "models.variants.conv: stem"),
+    ({"models": {"variants": {"conv": {"heads": 3, "form": "full_attention"}}}}, "models.variants.conv: out_channels"),
+    ({"models": {"common": {"small_input": False}}}, "data.resolution=28 is too small"),
+    ({"models": {"variants": {}}}, "models.variants"),
+    ({"report": None}, "report: Input should be a valid dictionary"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD)
+def test_bad_values_name_the_key(tmp_path, overrides, needle):
+    write_params(tmp_path, overrides)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_config(tmp_path / "params.yaml")
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: {epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match="no such parameters file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_stage_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    write_params(tmp_path, {"train": {"epochs": -1}})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main(["--params", "params.yaml"])
+    assert exit_info.value.code == 2
+    assert "train.epochs" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_fingerprint_changes_only_with_the_variants_own_settings(tmp_path):
+    write_params(tmp_path, {"models": {"variants": {"conv": {"form": "conv"}, "attn": {"form": "full_attention"}}}})
+    before = load_config(tmp_path / "params.yaml")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["models"]["variants"]["attn"]["kernel_size"] = 5
+    params["mlflow"]["experiment"] = "elsewhere"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    after = load_config(tmp_path / "params.yaml")
+    assert before.fingerprint("conv") == after.fingerprint("conv")
+    assert before.fingerprint("attn") != after.fingerprint("attn")

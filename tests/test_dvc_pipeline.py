@@ -1,0 +1,80 @@
+"""The whole pipeline through real DVC: repro, caching, per-variant re-runs, report from MLflow."""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import REPO, write_params
+
+pytestmark = pytest.mark.slow
+BIN = str(Path(sys.executable).parent)
+
+
+def _sh(*cmd, cwd, check=True):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = BIN + os.pathsep + env["PATH"]  # stage commands call `python`, as `make run` arranges
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    if check:
+        assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture
+def project(tmp_path):
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for pkg in ("sasa", "pipeline"):
+        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(tmp_path, {"models": {"variants": {"conv": {"form": "conv"}, "attn": {"form": "full_attention"}}}, "train": {"epochs": 1}})
+    (tmp_path / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    _sh("git", "init", "-q", cwd=tmp_path)
+    _sh("dvc", "init", "-q", cwd=tmp_path)
+    _sh("git", "add", "-A", cwd=tmp_path)
+    _sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=tmp_path)
+    return tmp_path
+
+
+def test_repro_status_rerun_and_report(project):
+    first = _sh("dvc", "repro", cwd=project)
+    for stage in ("prepare", "train@conv", "train@attn", "report"):
+        assert f"Running stage '{stage}'" in first.stdout
+
+    rows = list(csv.DictReader((project / "reports" / "results.csv").open()))
+    assert sorted(r["variant"] for r in rows) == ["attn", "conv"]
+    md = (project / "reports" / "results.md").read_text()
+    assert "| conv | ours |" in md and "| | paper | 4.7 G / 13.7 M / 74.5 |" in md and "| full attention | ours |" in md
+    for png in ("accuracy_vs_flops.png", "accuracy_vs_params.png"):
+        assert Image.open(project / "reports" / png).size[0] > 300
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    assert {r.info.run_id for r in runs} == {r["run_id"] for r in rows}
+
+    assert "conv.json" in _sh("dvc", "metrics", "show", cwd=project).stdout
+    _sh("dvc", "plots", "show", "-o", str(project / "plots_html"), cwd=project)
+    assert "up to date" in _sh("dvc", "status", cwd=project).stdout
+
+    start = time.perf_counter()
+    second = _sh("dvc", "repro", cwd=project)
+    assert time.perf_counter() - start < 15
+    assert "Running stage" not in second.stdout
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["models"]["variants"]["attn"]["kernel_size"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    third = _sh("dvc", "repro", cwd=project)
+    ran = sorted(line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage"))
+    assert ran == ["report", "train@attn"]
+
+
+def test_report_without_runs_fails_cleanly(project):
+    proc = _sh(sys.executable, "-m", "pipeline.report", cwd=project, check=False)
+    assert proc.returncode == 1 and "run the train stage first" in proc.stderr
+    assert not (project / "reports").exists()
