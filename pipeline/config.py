@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 import sasa
 
@@ -48,12 +48,20 @@ class ArchConfig(_Section):
     small_input: Optional[bool] = None
     zero_init_residual: Optional[bool] = None
 
+    @property
+    def model_name(self) -> str:
+        return self.model or "resnet26"
+
+    @property
+    def form_name(self) -> str:
+        return self.form or "conv"
+
     def merged_over(self, base: "ArchConfig") -> "ArchConfig":
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
     def build(self, num_classes: int, in_chans: int):
         kwargs = self.model_dump(exclude_none=True, exclude={"model"})
-        return sasa.create_model(self.model or "resnet26", num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return sasa.create_model(self.model_name, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
 class ModelsConfig(_Section):
@@ -91,9 +99,32 @@ class TrainConfig(_Section):
     num_nodes: PositiveInt = 1
     strategy: str = "auto"
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
-    limit_train_batches: Union[PositiveInt, float] = Field(1.0, gt=0)
-    limit_val_batches: Union[PositiveInt, float] = Field(1.0, gt=0)
+    limit_train_batches: Union[PositiveInt, float] = Field(1.0, gt=0, description="batch count, or a fraction <= 1")
+    limit_val_batches: Union[PositiveInt, float] = Field(1.0, gt=0, description="batch count, or a fraction <= 1")
     progress_bar: bool = True
+
+    @field_validator("limit_train_batches", "limit_val_batches")
+    @classmethod
+    def _fraction_at_most_one(cls, v):
+        if isinstance(v, float) and v > 1:
+            raise ValueError("a fraction must be at most 1.0 (or give a whole number of batches)")
+        return v
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        allowed = ["auto", *StrategyRegistry.available_strategies()]
+        if v not in allowed:
+            raise ValueError(f"unknown strategy; allowed: {', '.join(allowed)}")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self):
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"train.warmup_epochs={self.warmup_epochs} exceeds train.epochs={self.epochs}")
+        return self
 
 
 class MlflowConfig(_Section):
@@ -123,7 +154,11 @@ class Config(_Section):
 
     def fingerprint(self, variant: str) -> str:
         """Hash of everything that determines a variant's training run (not where it is tracked)."""
-        payload = {"arch": self.models.resolved(variant).model_dump(), "train": self.train.model_dump(), "data": self.data.model_dump()}
+        payload = {
+            "arch": self.models.resolved(variant).model_dump(),
+            "train": self.train.model_dump(exclude={"progress_bar"}),
+            "data": self.data.model_dump(exclude={"num_workers"}),
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -89,6 +89,8 @@ class PreparedDataModule(pl.LightningDataModule):
 
     def setup(self, stage=None):
         self.train_set, self.val_set = self._dataset("train"), self._dataset("val")
+        if len(self.train_set) < self.batch_size:  # drop_last would leave no training batch at all
+            raise StageError(f"train.batch_size={self.batch_size} exceeds the {len(self.train_set)} training images")
 
     def _loader(self, dataset, shuffle):
         workers = self.cfg.num_workers

@@ -1,4 +1,4 @@
-"""The LightningModule shared by the ``train`` stage and the sweeps: one training loop."""
+"""The project's one training loop: a LightningModule over ``sasa.create_model``."""
 from __future__ import annotations
 
 import math

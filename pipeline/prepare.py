@@ -91,6 +91,8 @@ def _imagefolder(cfg: Config):
             for f in sorted((root / split / c).iterdir())
             if f.suffix.lower() in IMAGE_EXTENSIONS
         ]
+        if not index[split]:
+            raise ConfigError(f"{root / split}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     return root, index, classes
 
 

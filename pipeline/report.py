@@ -50,7 +50,8 @@ def load_runs(cfg: Config) -> list[dict]:
         run, arch = runs[0], cfg.models.resolved(variant)
         m = run.data.metrics
         rows.append({
-            "variant": variant, "model": arch.model or "resnet26", "form": arch.form or "conv",
+            "variant": variant, "model": arch.model_name, "form": arch.form_name,
+            "paper_form": arch.stem is None and arch.attention_groups is None,  # exactly one of Table 1's forms
             "params": int(m["params"]), "mflops": m["flops"] / 1e6, "top1": 100 * m["top1"], "top5": 100 * m["top5"],
             "images_per_s": m.get("throughput_images_per_s", float("nan")), "run_id": run.info.run_id,
         })
@@ -96,7 +97,7 @@ def plot(rows, x_key, x_label, label_points):
 
 
 def markdown(rows, cfg: Config) -> str:
-    depths = [d for d in DEPTH_NAMES if any(r["model"] == d for r in rows)]
+    depths = [d for d in DEPTH_NAMES if any(r["model"] == d and r["paper_form"] for r in rows)]
     lines = [
         "# Results",
         "",
@@ -108,18 +109,20 @@ def markdown(rows, cfg: Config) -> str:
         "## In the shape of the paper's Table 1",
         "",
         "Each cell: FLOPs / params / top-1. *Paper*: ImageNet, 224 px, full-width models (GFLOPs, M params). "
-        "*Ours*: this run's variant of the same model name and form (MFLOPs, M params).",
+        "*Ours*: this run's variants of the same model name and form (MFLOPs, M params); hybrids and "
+        "other stems are in the table below.",
         "",
         "| form | | " + " | ".join(DEPTH_NAMES[d] for d in depths) + " |",
         "|---|---|" + "---|" * len(depths),
     ]
     for form in dict.fromkeys(f for _, f in TABLE1):
-        ours = {r["model"]: r for r in rows if r["form"] == form}
-        if not any(d in ours for d in depths):
+        ours = [r for r in rows if r["form"] == form and r["paper_form"]]
+        if not ours:
             continue
-        cells = [f"{ours[d]['mflops']:.1f} M / {ours[d]['params'] / 1e6:.2f} M / {ours[d]['top1']:.1f}" if d in ours else "-" for d in depths]
+        for r in ours:  # one row per variant, so two variants of one model and form both show
+            cells = [f"{r['mflops']:.1f} M / {r['params'] / 1e6:.2f} M / {r['top1']:.1f}" if r["model"] == d else "-" for d in depths]
+            lines.append(f"| {form.replace('_', ' ')} | ours: {r['variant']} | " + " | ".join(cells) + " |")
         paper = ["{:.1f} G / {:.1f} M / {:.1f}".format(*TABLE1[(d, form)]) for d in depths]
-        lines.append(f"| {form.replace('_', ' ')} | ours | " + " | ".join(cells) + " |")
         lines.append("| | paper | " + " | ".join(paper) + " |")
     lines += [
         "",

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 
 import sasa
 from pipeline.config import Config, ConfigError
@@ -55,9 +56,10 @@ class Throughput(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.images += batch[0].shape[0] * trainer.world_size
+        self.end = time.perf_counter()  # epoch end hooks run after validation and checkpointing
 
     def on_train_epoch_end(self, trainer, pl_module):
-        rate = self.images / (time.perf_counter() - self.start)
+        rate = self.images / (self.end - self.start)
         self.rates.append(rate)
         pl_module.log("train_images_per_s", rate, rank_zero_only=True)
 
@@ -74,21 +76,43 @@ def _precision(cfg: Config) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: Path, counts: sasa.Counts) -> str:
-    """Rank 0: reuse the MLflow run of an interrupted attempt with the same configuration."""
-    fingerprint = cfg.fingerprint(variant)
+def _resumable_run(cfg: Config, variant: str, ckpt_dir: Path) -> str | None:
+    """The MLflow run of an *interrupted* attempt with the same configuration, else None.
+
+    Read-only, so every rank reaches the same decision whatever order they start in. A finished
+    attempt is never resumed: DVC re-runs a stage after a code or data change, and that must train
+    afresh rather than re-report the old checkpoint.
+    """
     state_file = ckpt_dir / "run.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else None
-    if state and state.get("fingerprint") == fingerprint:
-        return state["run_id"]
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # checkpoints of another configuration
+    if not state_file.is_file():
+        return None
+    state = json.loads(state_file.read_text())
+    if state.get("finished") or state.get("fingerprint") != cfg.fingerprint(variant):
+        return None
+    return state["run_id"]
+
+
+def _run_in_experiment(client: MlflowClient, run_id: str, experiment_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.experiment_id == experiment_id
+    except MlflowException:  # e.g. the tracking store was deleted or replaced
+        return False
+
+
+def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: Path, run_id: str | None, counts: sasa.Counts) -> str:
+    """Rank 0: continue the interrupted run ``run_id`` if it lives in the configured experiment,
+    otherwise discard the old checkpoints and create a run."""
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow.experiment)
+    if run_id and _run_in_experiment(client, run_id, experiment_id):
+        return run_id
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
     arch = cfg.models.resolved(variant)
+    fingerprint = cfg.fingerprint(variant)
     tags = {"sasa.kind": "train", "sasa.variant": variant, "dvc.stage": f"train@{variant}", "sasa.fingerprint": fingerprint}
-    tags.update({"sasa.model": arch.model or "resnet26", "sasa.form": arch.form or "conv"})
+    tags.update({"sasa.model": arch.model_name, "sasa.form": arch.form_name})
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -97,7 +121,7 @@ def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: Path, counts: sasa
     for name, value in counts.as_dict().items():
         client.log_metric(run.info.run_id, name, value)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(state_file, json.dumps({"fingerprint": fingerprint, "run_id": run.info.run_id}))
+    atomic_write_text(ckpt_dir / "run.json", json.dumps({"fingerprint": fingerprint, "run_id": run.info.run_id}))
     return run.info.run_id
 
 
@@ -110,7 +134,9 @@ def train(cfg: Config, variant: str) -> dict | None:
     module = Classifier(arch.model_dump(), data.num_classes, data.in_chans, cfg.train.model_dump())
     counts = sasa.count(module.model, (data.in_chans, cfg.data.resolution, cfg.data.resolution))
     ckpt_dir = CHECKPOINTS / variant
-    run_id = _start_or_resume_run(cfg, variant, ckpt_dir, counts) if _is_global_zero() else None
+    resume_id = _resumable_run(cfg, variant, ckpt_dir)
+    run_id = _start_or_resume_run(cfg, variant, ckpt_dir, resume_id, counts) if _is_global_zero() else None
+    resume = run_id == resume_id if _is_global_zero() else resume_id is not None
 
     throughput = Throughput()
     callbacks = [
@@ -135,7 +161,7 @@ def train(cfg: Config, variant: str) -> dict | None:
         log_every_n_steps=1,
     )
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None)
+    trainer.fit(module, datamodule=data, ckpt_path=last if resume and last.is_file() else None)
     if not trainer.is_global_zero:
         return None
     return _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir)
@@ -145,7 +171,8 @@ def _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir):
     client = MlflowClient(tracking_uri(cfg))
     history = client.get_run(run_id).data.metrics
     final = {k: float(trainer.callback_metrics.get(k, history.get(k, float("nan")))) for k in ("val_top1", "val_top5")}
-    rate = statistics.median(throughput.rates) if throughput.rates else history.get("throughput_images_per_s", float("nan"))
+    rates = throughput.rates or [m.value for m in client.get_metric_history(run_id, "train_images_per_s")]
+    rate = statistics.median(rates) if rates else float("nan")
     results = {"top1": final["val_top1"], "top5": final["val_top5"], "throughput_images_per_s": rate}
     for name, value in results.items():
         client.log_metric(run_id, name, value)
@@ -154,6 +181,8 @@ def _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir):
         client.log_artifact(run_id, str(best), artifact_path="checkpoints")
     summary = {"variant": variant, "run_id": run_id, **results, **counts.as_dict(), "epochs": trainer.current_epoch}
     atomic_write_text(METRICS / f"{variant}.json", json.dumps(summary, indent=2))
+    state_file = ckpt_dir / "run.json"
+    atomic_write_text(state_file, json.dumps({**json.loads(state_file.read_text()), "finished": True}))
     print(f"{variant}: top-1 {results['top1']:.4f}, {counts.flops / 1e6:.1f} MFLOPs, {counts.params / 1e6:.3f} M params")
     return summary
 

@@ -27,6 +27,9 @@ BAD = [
     ({"models": {"common": {"small_input": False}}}, "data.resolution=28 is too small"),
     ({"models": {"variants": {}}}, "models.variants"),
     ({"report": None}, "report: Input should be a valid dictionary"),
+    ({"train": {"limit_train_batches": 1.5}}, "train.limit_train_batches"),
+    ({"train": {"warmup_epochs": 3, "epochs": 2}}, "warmup_epochs=3.0 exceeds train.epochs=2"),
+    ({"train": {"strategy": "dpp"}}, "train.strategy: Value error, unknown strategy"),
 ]
 
 

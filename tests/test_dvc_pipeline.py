@@ -50,7 +50,7 @@ def test_repro_status_rerun_and_report(project):
     rows = list(csv.DictReader((project / "reports" / "results.csv").open()))
     assert sorted(r["variant"] for r in rows) == ["attn", "conv"]
     md = (project / "reports" / "results.md").read_text()
-    assert "| conv | ours |" in md and "| | paper | 4.7 G / 13.7 M / 74.5 |" in md and "| full attention | ours |" in md
+    assert "| conv | ours: conv |" in md and "| | paper | 4.7 G / 13.7 M / 74.5 |" in md and "| full attention | ours: attn |" in md
     for png in ("accuracy_vs_flops.png", "accuracy_vs_params.png"):
         assert Image.open(project / "reports" / png).size[0] > 300
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")

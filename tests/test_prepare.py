@@ -69,6 +69,17 @@ def test_cifar10_from_written_batches(tmp_path):
     assert abs(float(x.mean())) < 0.5  # normalised with the split's own statistics
 
 
+def test_imagefolder_split_without_images_is_a_config_error(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "imgs" / split / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "train" / "cat" / "a.png")
+    (tmp_path / "imgs" / "val" / "cat" / "notes.txt").write_text("not an image")
+    write_params(tmp_path, {"data": {"source": "imagefolder", "path": str(tmp_path / "imgs")}})
+    with pytest.raises(ConfigError, match=r"val: no images"):
+        prepare(load_config(tmp_path / "params.yaml"), out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("source", ["imagefolder", "cifar10"])
 def test_missing_dataset_is_a_config_error(tmp_path, source):
     write_params(tmp_path, {"data": {"source": source, "path": str(tmp_path / "missing")}})

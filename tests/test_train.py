@@ -85,6 +85,37 @@ def test_changed_configuration_starts_a_new_run(workdir):
     assert len(runs) == 2 and {r.data.params["train/lr"] for r in runs} == {"0.1", "0.05"}
 
 
+def test_rerun_after_a_finished_run_trains_afresh(workdir):
+    """DVC re-runs a stage after a code change with the same params: it must not re-report the old
+    checkpoint as a new result."""
+    assert run_module("pipeline.train", "--variant", "conv", cwd=workdir).returncode == 0
+    again = run_module("pipeline.train", "--variant", "conv", cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Restoring states" not in again.stdout + again.stderr
+    runs = _runs(workdir)
+    assert len(runs) == 2 and all(len(mlflow.MlflowClient().get_metric_history(r.info.run_id, "val_top1")) == 2 for r in runs)
+
+
+def test_interrupted_run_missing_from_the_store_starts_a_new_run(workdir):
+    assert run_module("pipeline.train", "--variant", "conv", cwd=workdir).returncode == 0
+    state_file = workdir / "checkpoints" / "conv" / "run.json"
+    state = json.loads(state_file.read_text())
+    state.pop("finished")  # as if killed before the end
+    state_file.write_text(json.dumps(state))
+    (workdir / "mlflow.db").unlink()
+    again = run_module("pipeline.train", "--variant", "conv", cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (run,) = _runs(workdir)
+    assert run.info.run_id != state["run_id"] and run.info.status == "FINISHED"
+
+
+def test_batch_larger_than_the_training_set_is_a_clear_error(workdir):
+    write_params(workdir, {"train": {"batch_size": 5000}})
+    proc = run_module("pipeline.train", "--variant", "conv", cwd=workdir)
+    assert proc.returncode == 1 and "train.batch_size=5000 exceeds the 4000 training images" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (workdir / "metrics").exists()
+
+
 def test_unknown_variant_exits_2(workdir):
     proc = run_module("pipeline.train", "--variant", "nope", cwd=workdir)
     assert proc.returncode == 2 and "models.variants" in proc.stderr and not (workdir / "checkpoints").exists()
