@@ -135,8 +135,11 @@ def train(cfg: Config, variant: str) -> dict | None:
     counts = sasa.count(module.model, (data.in_chans, cfg.data.resolution, cfg.data.resolution))
     ckpt_dir = CHECKPOINTS / variant
     resume_id = _resumable_run(cfg, variant, ckpt_dir)
-    run_id = _start_or_resume_run(cfg, variant, ckpt_dir, resume_id, counts) if _is_global_zero() else None
-    resume = run_id == resume_id if _is_global_zero() else resume_id is not None
+    if _is_global_zero():
+        run_id = _start_or_resume_run(cfg, variant, ckpt_dir, resume_id, counts)
+        resume = run_id == resume_id
+    else:  # other ranks log nothing; they follow the same read-only resume decision
+        run_id, resume = None, resume_id is not None
 
     throughput = Throughput()
     callbacks = [
