@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional, Union
+import itertools
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -143,6 +144,73 @@ class ReportConfig(_Section):
     label_points: bool = True
 
 
+SAMPLERS = ("choice", "uniform", "loguniform", "randint")
+ARCH_KEYS = tuple(k for k in ArchConfig.model_fields if k != "model")
+TRAIN_KEYS = tuple(TrainConfig.model_fields)
+
+
+class SchedulerConfig(_Section):
+    """ASHA stops the worse trials at rungs grace_period, grace_period x reduction_factor, ...;
+    ``fifo`` runs every trial to the end."""
+
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: PositiveInt = 1
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class ResourcesConfig(_Section):
+    """What one trial holds. ``workers`` > 1 makes each trial a DDP run of that many Ray Train
+    workers (``TorchTrainer``), each with ``cpu`` CPUs and ``gpu`` GPUs."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+    workers: PositiveInt = 1
+
+
+class SweepConfig(_Section):
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_-]+$")
+    address: Optional[str] = Field(None, description="Ray cluster to join; RAY_ADDRESS wins; null starts a local runtime")
+    storage_path: str = Field("sweep/ray", description="shared folder or cloud URI (s3://, gs://) for trial checkpoints")
+    base: str = Field(..., description="the models.variants key every trial starts from")
+    space: dict[str, Union[list, dict[str, Any]]] = Field(..., description="key -> grid list or {sampler: args}")
+    num_samples: PositiveInt = 1
+    metric: Literal["val_top1", "val_loss"] = "val_top1"
+    mode: Literal["max", "min"] = "max"
+    scheduler: SchedulerConfig = SchedulerConfig()
+    train: dict[str, Any] = Field(default_factory=dict, description="train.* overrides for trials (e.g. fewer epochs)")
+    max_concurrent_trials: Optional[PositiveInt] = None
+    resources: ResourcesConfig = ResourcesConfig()
+    max_failures: int = Field(2, ge=0, description="retries of a failed trial, from its last checkpoint")
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys_and_samplers(cls, space):
+        if not space:
+            raise ValueError("define at least one key to sweep")
+        for key, spec in space.items():
+            if key not in ARCH_KEYS + TRAIN_KEYS:
+                raise ValueError(f"{key!r} cannot be swept; allowed: {', '.join(ARCH_KEYS + TRAIN_KEYS)}")
+            if isinstance(spec, list):
+                if not spec:
+                    raise ValueError(f"{key}: an empty grid")
+                continue
+            if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+                raise ValueError(f"{key}: give a list (grid) or exactly one of {', '.join(SAMPLERS)}, e.g. {{choice: [3, 5]}}")
+            sampler, args = next(iter(spec.items()))
+            if sampler == "choice" and not (isinstance(args, list) and args):
+                raise ValueError(f"{key}: choice takes a non-empty list")
+            if sampler != "choice" and not (isinstance(args, list) and len(args) == 2):
+                raise ValueError(f"{key}: {sampler} takes [low, high]")
+            if key in ARCH_KEYS and sampler != "choice":
+                raise ValueError(f"{key}: architecture keys take a list or choice, not {sampler}")
+        return space
+
+    def discrete_values(self, key) -> list:
+        """The values a grid or choice key can take; empty for continuous samplers."""
+        spec = self.space[key]
+        return spec if isinstance(spec, list) else spec.get("choice", [])
+
+
 class Config(_Section):
     """Every section is required: DVC tracks each one as a stage parameter."""
 
@@ -151,6 +219,39 @@ class Config(_Section):
     train: TrainConfig
     mlflow: MlflowConfig
     report: ReportConfig
+    sweep: SweepConfig
+
+    @model_validator(mode="after")
+    def _sweep_fits_the_rest(self):
+        if self.sweep.base not in self.models.variants:
+            raise ValueError(f"sweep.base={self.sweep.base!r} is not in models.variants; defined: {', '.join(self.models.variants)}")
+        try:
+            epochs = self.trial_train().epochs
+            for key in self.sweep.space.keys() & set(TRAIN_KEYS):
+                for value in self.sweep.discrete_values(key):
+                    self.trial_train({key: value})
+        except ValidationError as err:
+            raise ValueError(f"sweep: a trial's train values are invalid:\n{_format(err)}") from None
+        if self.sweep.scheduler.grace_period > epochs:
+            raise ValueError(f"sweep.scheduler.grace_period={self.sweep.scheduler.grace_period} exceeds the trials' {epochs} epochs")
+        return self
+
+    def trial_train(self, overrides: dict | None = None) -> TrainConfig:
+        """The train section with ``sweep.train`` and then a trial's own values applied, re-validated."""
+        return TrainConfig.model_validate({**self.train.model_dump(), **self.sweep.train, **(overrides or {})})
+
+    def trial_arch(self, overrides: dict) -> ArchConfig:
+        return ArchConfig.model_validate({**self.models.resolved(self.sweep.base).model_dump(), **overrides})
+
+    def sweep_fingerprint(self) -> str:
+        """Hash of everything that determines the sweep's trials; a change starts a new sweep."""
+        payload = {
+            "base": self.models.resolved(self.sweep.base).model_dump(),
+            "train": self.trial_train().model_dump(exclude={"progress_bar"}),
+            "data": self.data.model_dump(exclude={"num_workers"}),
+            "sweep": self.sweep.model_dump(exclude={"address", "storage_path", "max_concurrent_trials", "resources", "max_failures"}),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def fingerprint(self, variant: str) -> str:
         """Hash of everything that determines a variant's training run (not where it is tracked)."""
@@ -187,6 +288,19 @@ def _check_variants(cfg: Config):
             )
 
 
+def _check_sweep(cfg: Config):
+    """Build every architecture the sweep's grid and choices can produce, before Ray starts."""
+    keys = [k for k in cfg.sweep.space if k in ARCH_KEYS]
+    for values in itertools.product(*(cfg.sweep.discrete_values(k) for k in keys)):
+        overrides = dict(zip(keys, values))
+        try:
+            model = cfg.trial_arch(overrides).build(num_classes=10, in_chans=3)
+        except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError
+            raise ConfigError(f"sweep.space {overrides}: {err}") from None
+        if cfg.data.resolution < model.min_input_size:
+            raise ConfigError(f"sweep.space {overrides}: data.resolution={cfg.data.resolution} is below the {model.min_input_size} px it needs")
+
+
 def load_config(path: str | Path = "params.yaml") -> Config:
     path = Path(path)
     if not path.is_file():
@@ -196,10 +310,11 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (data, models, train, mlflow, report)")
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(Config.model_fields)})")
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"{path}: invalid parameters\n{_format(err)}") from None
     _check_variants(cfg)
+    _check_sweep(cfg)
     return cfg

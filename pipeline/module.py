@@ -1,4 +1,5 @@
-"""The project's one training loop: a LightningModule over ``sasa.create_model``."""
+"""The project's one training loop: a LightningModule over ``sasa.create_model`` and the Trainer
+that runs it, shared by the ``train`` stage and every ``sweep`` trial."""
 from __future__ import annotations
 
 import math
@@ -66,3 +67,28 @@ class Classifier(pl.LightningModule):
         warmup = round(cfg.warmup_epochs * total / cfg.epochs)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def precision(cfg: TrainConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def build_trainer(cfg: TrainConfig, **overrides) -> pl.Trainer:
+    """A Trainer configured by the train section; callers add callbacks, logger, plugins, or
+    replace the device placement (a sweep trial runs where Ray puts it)."""
+    kwargs = dict(
+        max_epochs=cfg.epochs,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=precision(cfg),
+        limit_train_batches=cfg.limit_train_batches,
+        limit_val_batches=cfg.limit_val_batches,
+        enable_progress_bar=cfg.progress_bar,
+        log_every_n_steps=1,
+    )
+    return pl.Trainer(**{**kwargs, **overrides})

@@ -4,7 +4,9 @@
   form, the Pareto front drawn, points labelled;
 - ``results.md``: a table in the shape of the paper's Table 1, the paper's ImageNet numbers
   beside ours for the same model names, then every variant;
-- ``results.csv``: the same rows for ``dvc plots``.
+- ``results.csv``: the same rows for ``dvc plots``;
+- ``sweep_accuracy_vs_flops.png`` and a table in the shape of the paper's Table 4, from the sweep
+  stage's ``sweep/results.csv``: top-1 against FLOPs coloured by spatial extent, marked by stem.
 Only finished runs whose configuration fingerprint matches the current ``params.yaml`` count,
 so a stale run of an older configuration never shows up as a result.
 """
@@ -18,12 +20,14 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipeline.config import Config
-from pipeline.stage import StageError, atomic_dir, run_stage
+from pipeline.stage import StageError, atomic_dir, csv_text, run_stage
 from pipeline.tracking import tracking_uri
-from sasa.paper import TABLE1
+from sasa.paper import TABLE1, TABLE4
 
 REPORTS = Path("reports")
+SWEEP_RESULTS = Path("sweep/results.csv")
 MARKERS = {"conv": "o", "conv_stem_attention": "s", "full_attention": "^"}
+STEM_MARKERS = {"conv": "o", "attention": "^"}
 DEPTH_NAMES = {"resnet26": "ResNet-26", "resnet38": "ResNet-38", "resnet50": "ResNet-50"}
 
 
@@ -60,6 +64,18 @@ def load_runs(cfg: Config) -> list[dict]:
     return rows
 
 
+def load_sweep(path: Path = SWEEP_RESULTS) -> list[dict]:
+    if not path.is_file():
+        raise StageError(f"{path} is missing: run the sweep stage first (dvc repro sweep)")
+    rows = list(csv.DictReader(path.open()))
+    if not rows:
+        raise StageError(f"{path} has no trials")
+    for r in rows:
+        r.update(kernel_size=int(r["kernel_size"]), params=int(r["params"]), mflops=float(r["mflops"]),
+                 top1=float(r["best_top1"]), epochs=int(r["epochs"]), stopped_early=r["stopped_early"] == "True")
+    return rows
+
+
 def pareto_front(points):
     """Points not beaten by a cheaper-or-equal, at-least-as-accurate one, by increasing cost."""
     front, best = [], float("-inf")
@@ -70,13 +86,25 @@ def pareto_front(points):
     return front
 
 
-def plot(rows, x_key, x_label, label_points):
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    return plt, *plt.subplots(figsize=(6.4, 4.4), dpi=120)
+
+
+def _png(plt, fig) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot(rows, x_key, x_label, label_points):
+    plt, fig, ax = _figure()
     for form in sorted({r["form"] for r in rows}):
         pts = [r for r in rows if r["form"] == form]
         ax.scatter([r[x_key] for r in pts], [r["top1"] for r in pts], marker=MARKERS.get(form, "D"), s=60, label=form.replace("_", " "))
@@ -89,14 +117,71 @@ def plot(rows, x_key, x_label, label_points):
     ax.set_ylabel("val top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(plt, fig)
 
 
-def markdown(rows, cfg: Config) -> str:
+def plot_sweep(rows) -> bytes:
+    """Top-1 vs FLOPs of every trial: colour = spatial extent k, marker = stem."""
+    plt, fig, ax = _figure()
+    ks = sorted({r["kernel_size"] for r in rows})
+    colours = dict(zip(ks, plt.cm.viridis([i / max(1, len(ks) - 1) for i in range(len(ks))])))
+    for r in rows:
+        ax.scatter(r["mflops"], r["top1"], color=colours[r["kernel_size"]], marker=STEM_MARKERS.get(r["stem"], "D"), s=60)
+    for k in ks:
+        ax.scatter([], [], color=colours[k], marker="s", label=f"k = {k}")
+    for stem in sorted({r["stem"] for r in rows}):
+        ax.scatter([], [], color="0.4", marker=STEM_MARKERS.get(stem, "D"), label=f"{stem} stem")
+    ax.set_xlabel("FLOPs per image (M)")
+    ax.set_ylabel("best val top-1 (%)")
+    ax.set_title("sweep: spatial extent and stem", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(plt, fig)
+
+
+def sweep_markdown(rows, cfg: Config) -> list[str]:
+    """The paper's Table 4 shape: one row per k, a column per stem (best trial of each cell)."""
+    stems = sorted({r["stem"] for r in rows}, key=lambda s: (s != "conv", s))
+    best = {}
+    for r in rows:
+        cell = (r["kernel_size"], r["stem"])
+        if cell not in best or r["top1"] > best[cell]["top1"]:
+            best[cell] = r
+    lines = [
+        "",
+        "## Sweep: spatial extent and stem (the shape of the paper's Table 4)",
+        "",
+        f"Ray Tune sweep `{cfg.sweep.name}` over {', '.join(f'`{k}`' for k in cfg.sweep.space)} from variant "
+        f"`{cfg.sweep.base}` ({len(rows)} trials, {cfg.sweep.scheduler.type.upper()} scheduler; best epoch of each trial). "
+        "Each cell: MFLOPs / M params / top-1 (%). *Paper*: ResNet-50, conv stem, ImageNet (GFLOPs / M params / top-1).",
+        "",
+        "![sweep](sweep_accuracy_vs_flops.png)",
+        "",
+        "| k | " + " | ".join(f"{s} stem" for s in stems) + " | paper |",
+        "|---|" + "---|" * (len(stems) + 1),
+    ]
+    for k in sorted({r["kernel_size"] for r in rows}):
+        cells = [
+            f"{best[k, s]['mflops']:.1f} / {best[k, s]['params'] / 1e6:.3f} / {best[k, s]['top1']:.1f}" if (k, s) in best else "-"
+            for s in stems
+        ]
+        paper = "{:.1f} / {:.1f} / {:.1f}".format(*TABLE4[k]) if k in TABLE4 else "-"
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {paper} |")
+    keys = list(cfg.sweep.space)
+    lines += [
+        "",
+        "| trial | " + " | ".join(keys) + " | MFLOPs | params | best top-1 % | epochs | node |",
+        "|---|" + "---|" * (len(keys) + 5),
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['trial_id']}` | " + " | ".join(str(r.get(k, "")) for k in keys)
+            + f" | {r['mflops']:.1f} | {r['params']:,} | {r['top1']:.2f} | {r['epochs']}{' (stopped)' if r['stopped_early'] else ''} | {r['node_ip']} |"
+        )
+    return lines
+
+
+def markdown(rows, cfg: Config, sweep_rows) -> str:
     depths = [d for d in DEPTH_NAMES if any(r["model"] == d and r["paper_form"] for r in rows)]
     lines = [
         "# Results",
@@ -136,28 +221,22 @@ def markdown(rows, cfg: Config) -> str:
             f"| {r['variant']} | {r['model']} | {r['form']} | {r['params']:,} | {r['mflops']:.1f} | {r['top1']:.2f} | "
             f"{r['top5']:.2f} | {r['images_per_s']:.0f} | `{r['run_id']}` |"
         )
+    lines += sweep_markdown(sweep_rows, cfg)
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def report(cfg: Config, out: Path = REPORTS):
-    rows = load_runs(cfg)
+    rows, sweep_rows = load_runs(cfg), load_sweep()
     with atomic_dir(out) as tmp:
         (tmp / "accuracy_vs_flops.png").write_bytes(plot(rows, "mflops", "FLOPs per image (M)", cfg.report.label_points))
         (tmp / "accuracy_vs_params.png").write_bytes(
             plot([{**r, "mparams": r["params"] / 1e6} for r in rows], "mparams", "parameters (M)", cfg.report.label_points)
         )
-        (tmp / "results.md").write_text(markdown(rows, cfg))
-        (tmp / "results.csv").write_text(write_csv(rows))
+        (tmp / "sweep_accuracy_vs_flops.png").write_bytes(plot_sweep(sweep_rows))
+        (tmp / "results.md").write_text(markdown(rows, cfg, sweep_rows))
+        (tmp / "results.csv").write_text(csv_text(rows))
     print(json.dumps({r["variant"]: round(r["top1"], 2) for r in rows}))
-    print(f"wrote {out}/results.md, accuracy_vs_flops.png, accuracy_vs_params.png, results.csv")
+    print(f"wrote {out}/results.md, results.csv and the plots accuracy_vs_flops, accuracy_vs_params, sweep_accuracy_vs_flops")
 
 
 def main(argv=None):

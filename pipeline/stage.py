@@ -3,6 +3,8 @@ bad configuration with one clear message, and writes that are never seen half do
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import os
 import shutil
 import sys
@@ -56,3 +58,12 @@ def atomic_write_text(path: str | Path, text: str):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Rows as CSV; the columns are every key in first-seen order (rows may differ in their keys)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

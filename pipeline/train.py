@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
@@ -27,7 +26,7 @@ from mlflow.exceptions import MlflowException
 import sasa
 from pipeline.config import Config, ConfigError
 from pipeline.data import PreparedDataModule
-from pipeline.module import Classifier
+from pipeline.module import Classifier, build_trainer
 from pipeline.stage import atomic_write_text, run_stage
 from pipeline.tracking import flatten, git_commit, tracking_uri
 
@@ -67,13 +66,6 @@ class Throughput(pl.Callback):
 def _is_global_zero() -> bool:
     """True in the process that launches training (DDP re-executes this script for other ranks)."""
     return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
-
-
-def _precision(cfg: Config) -> str:
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
 
 
 def _resumable_run(cfg: Config, variant: str, ckpt_dir: Path) -> str | None:
@@ -148,20 +140,11 @@ def train(cfg: Config, variant: str) -> dict | None:
     ]
     if cfg.train.ema_decay:
         callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
-    trainer = pl.Trainer(
-        max_epochs=cfg.train.epochs,
-        accelerator=cfg.train.accelerator,
-        devices=cfg.train.devices,
-        num_nodes=cfg.train.num_nodes,
-        strategy=cfg.train.strategy,
-        precision=_precision(cfg),
+    trainer = build_trainer(
+        cfg.train,
         logger=MLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
-        limit_train_batches=cfg.train.limit_train_batches,
-        limit_val_batches=cfg.train.limit_val_batches,
-        enable_progress_bar=cfg.train.progress_bar,
-        log_every_n_steps=1,
     )
     last = ckpt_dir / "last.ckpt"
     trainer.fit(module, datamodule=data, ckpt_path=last if resume and last.is_file() else None)

@@ -20,6 +20,7 @@ TINY = {
     "train": {"epochs": 2, "batch_size": 32, "limit_train_batches": 4, "limit_val_batches": 2, "progress_bar": False, "accelerator": "cpu"},
     "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "test"},
     "report": {"label_points": True},
+    "sweep": {"name": "tiny", "base": "conv", "space": {"kernel_size": [3]}, "train": {"epochs": 1}},
 }
 
 

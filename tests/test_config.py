@@ -30,13 +30,25 @@ BAD = [
     ({"train": {"limit_train_batches": 1.5}}, "train.limit_train_batches"),
     ({"train": {"warmup_epochs": 3, "epochs": 2}}, "warmup_epochs=3.0 exceeds train.epochs=2"),
     ({"train": {"strategy": "dpp"}}, "train.strategy: Value error, unknown strategy"),
+    ({"sweep": {"space": {"kernel": [3, 5]}}}, "sweep.space: Value error, 'kernel' cannot be swept; allowed: form, stem"),
+    ({"sweep": {"space": {"lr": {"normal": [0, 1]}}}}, "sweep.space: Value error, lr: give a list .grid. or exactly one of choice"),
+    ({"sweep": {"space": {"lr": {"loguniform": [0.1]}}}}, "lr: loguniform takes \\[low, high\\]"),
+    ({"sweep": {"space": {"kernel_size": {"randint": [3, 9]}}}}, "kernel_size: architecture keys take a list or choice"),
+    ({"sweep": {"space": {"lr": []}}}, "lr: an empty grid"),
+    ({"sweep": {"base": "nope"}}, "sweep.base='nope' is not in models.variants; defined: conv"),
+    ({"sweep": {"train": {"epoch": 3}}}, "sweep: a trial's train values are invalid:\n  epoch: unknown key"),
+    ({"sweep": {"space": {"lr": [0.1, -1]}}}, "a trial's train values are invalid:\n  lr: Input should be greater than 0"),
+    ({"sweep": {"scheduler": {"grace_period": 2}}}, "sweep.scheduler.grace_period=2 exceeds the trials' 1 epochs"),
+    ({"sweep": {"space": {"kernel_size": [3, 4], "form": ["full_attention"]}}}, "sweep.space {'kernel_size': 4, 'form': 'full_attention'}: kernel_size must be odd"),
+    ({"sweep": {"resources": {"gpu": -1}}}, "sweep.resources.gpu"),
+    ({"sweep": {"name": "a b"}}, "sweep.name"),
 ]
 
 
 @pytest.mark.parametrize("overrides,needle", BAD)
 def test_bad_values_name_the_key(tmp_path, overrides, needle):
     write_params(tmp_path, overrides)
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("}", r"\}")):
         load_config(tmp_path / "params.yaml")
 
 

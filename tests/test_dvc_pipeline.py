@@ -44,18 +44,21 @@ def project(tmp_path):
 
 def test_repro_status_rerun_and_report(project):
     first = _sh("dvc", "repro", cwd=project)
-    for stage in ("prepare", "train@conv", "train@attn", "report"):
+    for stage in ("prepare", "train@conv", "train@attn", "sweep", "report"):
         assert f"Running stage '{stage}'" in first.stdout
 
     rows = list(csv.DictReader((project / "reports" / "results.csv").open()))
     assert sorted(r["variant"] for r in rows) == ["attn", "conv"]
     md = (project / "reports" / "results.md").read_text()
     assert "| conv | ours: conv |" in md and "| | paper | 4.7 G / 13.7 M / 74.5 |" in md and "| full attention | ours: attn |" in md
-    for png in ("accuracy_vs_flops.png", "accuracy_vs_params.png"):
+    assert "## Sweep: spatial extent and stem" in md and "| 6.6 / 18.0 / 76.4 |" in md  # k = 3 beside the paper
+    for png in ("accuracy_vs_flops.png", "accuracy_vs_params.png", "sweep_accuracy_vs_flops.png"):
         assert Image.open(project / "reports" / png).size[0] > 300
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
-    assert {r.info.run_id for r in runs} == {r["run_id"] for r in rows}
+    assert {r.info.run_id for r in runs if r.data.tags["sasa.kind"] == "train"} == {r["run_id"] for r in rows}
+    (trial,) = list(csv.DictReader((project / "sweep" / "results.csv").open()))
+    assert trial["mlflow_run_id"] in {r.info.run_id for r in runs if r.data.tags["sasa.kind"] == "sweep_trial"}
 
     assert "conv.json" in _sh("dvc", "metrics", "show", cwd=project).stdout
     _sh("dvc", "plots", "show", "-o", str(project / "plots_html"), cwd=project)
