@@ -124,7 +124,7 @@ def plot_sweep(rows) -> bytes:
     """Top-1 vs FLOPs of every trial: colour = spatial extent k, marker = stem."""
     plt, fig, ax = _figure()
     ks = sorted({r["kernel_size"] for r in rows})
-    colours = dict(zip(ks, plt.cm.viridis([i / max(1, len(ks) - 1) for i in range(len(ks))])))
+    colours = dict(zip(ks, plt.cm.viridis([0.85 * i / max(1, len(ks) - 1) for i in range(len(ks))])))  # no pale yellow
     for r in rows:
         ax.scatter(r["mflops"], r["top1"], color=colours[r["kernel_size"]], marker=STEM_MARKERS.get(r["stem"], "D"), s=60)
     for k in ks:
@@ -135,7 +135,7 @@ def plot_sweep(rows) -> bytes:
     ax.set_ylabel("best val top-1 (%)")
     ax.set_title("sweep: spatial extent and stem", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # outside: never hides a point
     return _png(plt, fig)
 
 
