@@ -21,7 +21,6 @@ import ray
 import ray.train
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -30,7 +29,7 @@ from pipeline.config import ARCH_KEYS, Config, SweepConfig
 from pipeline.data import PreparedDataModule
 from pipeline.module import Classifier, build_trainer
 from pipeline.stage import StageError, atomic_write_text, csv_text, run_stage
-from pipeline.tracking import flatten, git_commit, tracking_uri
+from pipeline.tracking import experiment_id, flatten, run_in_experiment, source_tags, tracking_uri
 
 SWEEP = Path("sweep")
 STATE = SWEEP / "state.json"
@@ -205,26 +204,20 @@ def _storage_path(cfg: Config) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def _resumable_sweep(cfg: Config, client: MlflowClient, experiment_id: str) -> dict | None:
+def _resumable_sweep(cfg: Config, client: MlflowClient, exp_id: str) -> dict | None:
     """The state of an interrupted sweep with the same configuration whose parent run still exists."""
     if not STATE.is_file():
         return None
     state = json.loads(STATE.read_text())
     if state.get("finished") or state.get("fingerprint") != cfg.sweep_fingerprint():
         return None
-    try:
-        parent = client.get_run(state["parent_run_id"])
-    except MlflowException:
-        return None
-    return state if parent.info.experiment_id == experiment_id else None
+    return state if run_in_experiment(client, state["parent_run_id"], exp_id) else None
 
 
-def _start_parent_run(cfg: Config, client: MlflowClient, experiment_id: str) -> dict:
+def _start_parent_run(cfg: Config, client: MlflowClient, exp_id: str) -> dict:
     tags = {"sasa.kind": "sweep", "sasa.sweep": cfg.sweep.name, "sasa.fingerprint": cfg.sweep_fingerprint(), "dvc.stage": "sweep"}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, run_name=f"sweep {cfg.sweep.name}", tags=tags)
+    tags.update(source_tags())
+    run = client.create_run(exp_id, run_name=f"sweep {cfg.sweep.name}", tags=tags)
     params = flatten("sweep", cfg.sweep.model_dump(exclude={"space", "train", "scheduler", "resources"}))
     params.update(flatten("space", {k: json.dumps(v) for k, v in cfg.sweep.space.items()}))
     params.update(flatten("scheduler", cfg.sweep.scheduler.model_dump()))
@@ -308,10 +301,9 @@ def sweep(cfg: Config):
     if not (PREPARED / "meta.json").is_file():
         raise StageError(f"{PREPARED}/meta.json is missing: run the prepare stage first (dvc repro prepare)")
     client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow.experiment)
-    state = _resumable_sweep(cfg, client, experiment_id) or _start_parent_run(cfg, client, experiment_id)
-    callback = MlflowTrials(cfg, experiment_id, state["parent_run_id"])
+    exp_id = experiment_id(client, cfg)
+    state = _resumable_sweep(cfg, client, exp_id) or _start_parent_run(cfg, client, exp_id)
+    callback = MlflowTrials(cfg, exp_id, state["parent_run_id"])
     _connect(cfg)
     started = time.perf_counter()
     try:

@@ -21,14 +21,13 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
 from mlflow.entities import Param
-from mlflow.exceptions import MlflowException
 
 import sasa
 from pipeline.config import Config, ConfigError
 from pipeline.data import PreparedDataModule
 from pipeline.module import Classifier, build_trainer
 from pipeline.stage import atomic_write_text, run_stage
-from pipeline.tracking import flatten, git_commit, tracking_uri
+from pipeline.tracking import experiment_id, flatten, run_in_experiment, source_tags, tracking_uri
 
 CHECKPOINTS = Path("checkpoints")
 METRICS = Path("metrics")
@@ -84,31 +83,20 @@ def _resumable_run(cfg: Config, variant: str, ckpt_dir: Path) -> str | None:
     return state["run_id"]
 
 
-def _run_in_experiment(client: MlflowClient, run_id: str, experiment_id: str) -> bool:
-    try:
-        return client.get_run(run_id).info.experiment_id == experiment_id
-    except MlflowException:  # e.g. the tracking store was deleted or replaced
-        return False
-
-
 def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: Path, run_id: str | None, counts: sasa.Counts) -> str:
     """Rank 0: continue the interrupted run ``run_id`` if it lives in the configured experiment,
     otherwise discard the old checkpoints and create a run."""
     client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow.experiment)
-    if run_id and _run_in_experiment(client, run_id, experiment_id):
+    exp_id = experiment_id(client, cfg)
+    if run_id and run_in_experiment(client, run_id, exp_id):
         return run_id
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     arch = cfg.models.resolved(variant)
     fingerprint = cfg.fingerprint(variant)
     tags = {"sasa.kind": "train", "sasa.variant": variant, "dvc.stage": f"train@{variant}", "sasa.fingerprint": fingerprint}
-    tags.update({"sasa.model": arch.model_name, "sasa.form": arch.form_name})
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, run_name=variant, tags=tags)
+    tags.update({"sasa.model": arch.model_name, "sasa.form": arch.form_name}, **source_tags())
+    run = client.create_run(exp_id, run_name=variant, tags=tags)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten("data", cfg.data.model_dump()).items()])
     for name, value in counts.as_dict().items():
         client.log_metric(run.info.run_id, name, value)
