@@ -10,6 +10,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[pipeline,test]'
+	-$(PY) -m sasa build-ext  # optional: without a compiler the PyTorch kernel is used
 	touch $@
 
 run: install
@@ -19,4 +20,5 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	$(PY) -m benchmarks.layer
+	$(PY) -m benchmarks layer
+	$(PY) -m benchmarks model

@@ -1,9 +1,11 @@
-"""Command line: ``python -m sasa info ...`` (one model's counts) and ``python -m sasa table``
-(the paper's Table 1 beside ours)."""
+"""Command line: ``python -m sasa info ...`` (one model's counts), ``python -m sasa table``
+(the paper's Table 1 beside ours) and ``python -m sasa build-ext`` (compile the C++ CPU kernel now
+rather than on first use)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from sasa import count, create_model, list_models
@@ -59,6 +61,22 @@ def _table(args):
               f"{c.flops / 1e9:7.2f} {gflops:6.1f} {_delta(c.flops / 1e9, gflops):>7}")
 
 
+def _build_ext(args):
+    import time
+
+    from sasa.ops import cpu_extension
+
+    if os.environ.get("SASA_CPU_EXTENSION") == "0":
+        print("error: SASA_CPU_EXTENSION=0 turns the C++ CPU kernel off", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    if cpu_extension.load() is None:
+        print("error: the C++ CPU kernel could not be built (see the warning above); the PyTorch kernel will be used", file=sys.stderr)
+        return 1
+    print(f"C++ CPU kernel ready ({time.perf_counter() - start:.0f} s): {cpu_extension.SOURCE.name}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sasa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,13 +96,13 @@ def main(argv=None):
     info.add_argument("--json", action="store_true", help="print one JSON object")
     table = sub.add_parser("table", help="the paper's Table 1 models: our counts beside the paper's")
     table.add_argument("--resolution", type=int, default=224)
+    sub.add_parser("build-ext", help="compile (or find cached) the C++ CPU kernel of the SASA layer")
     args = parser.parse_args(argv)
     try:
-        {"info": _info, "table": _table}[args.command](args)
+        return {"info": _info, "table": _table, "build-ext": _build_ext}[args.command](args) or 0
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

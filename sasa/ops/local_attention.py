@@ -8,15 +8,20 @@ attends over the part of its window that lies in the image (the paper leaves bor
 zero-padded keys would still soak up probability mass).
 
 ``reference_local_attention`` is the obviously-correct unfold formulation: it materialises every
-window, O(k^2 C H W) memory. ``fast_local_attention`` visits the k^2 offsets one at a time with an
-online softmax and recomputes them in its backward pass (as FlashAttention does), so it keeps
-only the output and one log-sum-exp per pixel and head: activation memory independent of k.
+window, O(k^2 C H W) memory. ``fast_local_attention`` keeps only the output and one log-sum-exp
+per pixel and head and recomputes the probabilities in its backward pass (as FlashAttention
+does): activation memory independent of k. It is one custom op with two kernels: on the CPU the
+C++ kernel of ``csrc/local_attention_cpu.cpp`` (one image row at a time, see there), elsewhere (and
+on the CPU without a compiler, or for dtypes other than float32/float64) a PyTorch loop over the
+k^2 offsets with an online softmax.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
+
+from sasa.ops import cpu_extension
 
 
 def reference_local_attention(q, k, v, kernel_size, rel_row=None, rel_col=None):
@@ -115,6 +120,23 @@ def local_attention(
     kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the attention output and the log-sum-exp of every (pixel, head) softmax."""
+    return _offsets_forward(q, k, v, row_logits, col_logits, kernel_size)
+
+
+def _cpu_extension(dtype):
+    return cpu_extension.load() if dtype in (torch.float32, torch.float64) else None
+
+
+@local_attention.register_kernel("cpu")
+def _(q, k, v, row_logits, col_logits, kernel_size):
+    ext = _cpu_extension(q.dtype)
+    if ext is None:
+        return _offsets_forward(q, k, v, row_logits, col_logits, kernel_size)
+    return ext.local_attention_forward(q, k, v, row_logits, col_logits, kernel_size)
+
+
+def _offsets_forward(q, k, v, row_logits, col_logits, kernel_size):
+    """The PyTorch kernel: one offset at a time, online softmax."""
     w = _Windows(q, k, v, row_logits, col_logits, kernel_size)
     for n, (di, dj) in enumerate(_offsets(kernel_size)):
         s = w.logits(di, dj)
@@ -148,6 +170,19 @@ def local_attention_backward(
     kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recomputes each offset's probabilities from the saved log-sum-exp (no k^2 storage)."""
+    return _offsets_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size)
+
+
+@local_attention_backward.register_kernel("cpu")
+def _(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size):
+    ext = _cpu_extension(q.dtype)
+    if ext is None:
+        return _offsets_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size)
+    dq, dk, dv, drow, dcol = ext.local_attention_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size)
+    return dq, dk, dv, drow.sum_to_size(row_logits.shape).contiguous(), dcol.sum_to_size(col_logits.shape).contiguous()
+
+
+def _offsets_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size):
     w = _Windows(q, k, v, row_logits, col_logits, kernel_size)
     delta = (grad_out * out).sum(2)  # sum_s p_s (dout . v_s)
     B, heads, _, H, W = q.shape
