@@ -7,8 +7,9 @@ import time
 
 import mlflow
 import pytest
+import torch
 
-from tests.conftest import run_module, write_params
+from tests.conftest import TINY, run_module, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +120,18 @@ def test_batch_larger_than_the_training_set_is_a_clear_error(workdir):
 def test_unknown_variant_exits_2(workdir):
     proc = run_module("pipeline.train", "--variant", "nope", cwd=workdir)
     assert proc.returncode == 2 and "models.variants" in proc.stderr and not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_compile_option_runs_the_attention_model_compiled():
+    """train.compile: torch.compile traces through the local-attention custom op (its fake
+    implementation), the compiled forward matches the eager one, and checkpoints keep their keys."""
+    from pipeline.module import Classifier
+
+    arch = {**TINY["models"]["common"], "form": "full_attention"}
+    train = {**TINY["train"], "compile": True}
+    module = Classifier(arch, num_classes=10, in_chans=1, train=train).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), module.model(x), rtol=1e-4, atol=1e-4)
+    assert all(not key.startswith("_forward") and "_orig_mod" not in key for key in module.state_dict())

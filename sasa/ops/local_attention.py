@@ -13,7 +13,8 @@ per pixel and head and recomputes the probabilities in its backward pass (as Fla
 does): activation memory independent of k. It is one custom op with two kernels: on the CPU the
 C++ kernel of ``csrc/local_attention_cpu.cpp`` (one image row at a time, see there), elsewhere (and
 on the CPU without a compiler, or for dtypes other than float32/float64) a PyTorch loop over the
-k^2 offsets with an online softmax.
+k^2 offsets with an online softmax. On CUDA the fast path is FlexAttention with a neighbourhood
+block mask instead (``flex_local_attention.py``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from sasa.ops import cpu_extension
+from sasa.ops.flex_local_attention import flex_local_attention
 
 
 def reference_local_attention(q, k, v, kernel_size, rel_row=None, rel_col=None):
@@ -51,17 +53,21 @@ def reference_local_attention(q, k, v, kernel_size, rel_row=None, rel_col=None):
 
 
 def fast_local_attention(q, k, v, kernel_size, rel_row=None, rel_col=None):
-    """Same result as the reference, computed offset by offset (see the module docstring).
+    """Same result as the reference without its k^2 memory (see the module docstring); on CUDA,
+    FlexAttention (``sasa.ops.flex_local_attention``).
 
     The relative term is factorised, q.r = q_row . rel_row[di] + q_col . rel_col[dj], so it costs
     k d per pixel instead of k^2 d and enters the kernel as two (B, heads, k, H, W) logit tables.
     """
-    if rel_row is None:
-        row_logits = col_logits = q.new_zeros(1, 1, kernel_size, 1, 1)
-    else:
+    row_logits = col_logits = None
+    if rel_row is not None:
         half = rel_row.shape[1]
         row_logits = torch.einsum("bhcyx,hck->bhkyx", q[:, :, :half], rel_row)
         col_logits = torch.einsum("bhcyx,hck->bhkyx", q[:, :, half:], rel_col)
+    if q.is_cuda:
+        return flex_local_attention(q, k, v, row_logits, col_logits, kernel_size)
+    if row_logits is None:
+        row_logits = col_logits = q.new_zeros(1, 1, kernel_size, 1, 1)
     out, _ = local_attention(q, k, v, row_logits, col_logits, kernel_size)
     return out
 

@@ -107,21 +107,10 @@ at::Tensor pack(const at::Tensor& t, const Geometry& g, int64_t channels, int64_
   return packed;
 }
 
-// inverse of pack: (BH, H, C, width) -> contiguous (B, heads, C, H, W)
-template <typename T>
+// inverse of pack: (BH, H, C, width) -> contiguous (B, heads, C, H, W); called after the packed
+// inputs are freed, so they and the outputs are never all alive at once
 at::Tensor unpack(const at::Tensor& packed, const Geometry& g, int64_t left) {
-  const int64_t channels = packed.size(2), width = packed.size(3);
-  at::Tensor t = at::empty({g.B, g.heads, channels, g.H, g.W}, packed.options());
-  const T* src = packed.data_ptr<T>();
-  T* dst = t.data_ptr<T>();
-  at::parallel_for(0, g.BH * g.H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / g.H, y = task % g.H;
-      for (int64_t c = 0; c < channels; ++c)
-        std::copy_n(src + (task * channels + c) * width + left, g.W, dst + ((bh * channels + c) * g.H + y) * g.W);
-    }
-  });
-  return t;
+  return packed.narrow(3, left, g.W).permute({0, 2, 1, 3}).reshape({g.B, g.heads, packed.size(2), g.H, g.W}).contiguous();
 }
 
 // additive mask [K4][Wr]: -inf where the key of (dj, x) is outside the image; 0 for the padded
@@ -180,13 +169,12 @@ Geometry checked_geometry(const at::Tensor& q, const at::Tensor& k, const at::Te
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& brow, const at::Tensor& bcol, int64_t kernel_size) {
   const Geometry g = checked_geometry(q, k, v, kernel_size);
-  at::Tensor out, lse;
+  at::Tensor out_p = at::empty({g.BH, g.H, g.D, g.Wr}, q.options());
+  at::Tensor lse_p = at::empty({g.BH, g.H, 1, g.Wr}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sasa_local_attention_forward", [&] {
     using T = scalar_t;
     using VT = typename Vec<T>::type;
     const Packed p = pack_inputs<T>(g, q, k, v, brow, bcol);
-    at::Tensor out_p = at::empty({g.BH, g.H, g.D, g.Wr}, q.options());
-    at::Tensor lse_p = at::empty({g.BH, g.H, 1, g.Wr}, q.options());
     const std::vector<T> mask = column_mask<T>(g);
     const T *qp = p.q.data_ptr<T>(), *kp = p.k.data_ptr<T>(), *vp = p.v.data_ptr<T>();
     const T *brp = p.brow.data_ptr<T>(), *bcp = p.bcol.data_ptr<T>();
@@ -237,10 +225,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
         }
       }
     });
-    out = unpack<T>(out_p, g, 0);
-    lse = unpack<T>(lse_p, g, 0).squeeze(2);
   });
-  return {out, lse};
+  return {unpack(out_p, g, 0), unpack(lse_p, g, 0).squeeze(2)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -248,7 +234,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& brow, const at::Tensor& bcol, const at::Tensor& out, const at::Tensor& lse,
     int64_t kernel_size) {
   const Geometry g = checked_geometry(q, k, v, kernel_size);
-  at::Tensor dq, dk, dv, drow, dcol;
+  // accumulated into: zeroed by the task that owns them, while they are in its cache
+  at::Tensor dq_p = at::empty({g.BH, g.H, g.D, g.Wr}, q.options());
+  at::Tensor dk_p = at::empty({g.BH, g.H, g.D, g.SK}, q.options());
+  at::Tensor dv_p = at::empty({g.BH, g.H, g.D, g.SK}, q.options());
+  at::Tensor drow_p = at::empty({g.BH, g.H, g.K, g.Wr}, q.options());
+  at::Tensor dcol_p = at::empty({g.BH, g.H, g.K, g.Wr}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sasa_local_attention_backward", [&] {
     using T = scalar_t;
     using VT = typename Vec<T>::type;
@@ -256,12 +247,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor g_p = pack<T>(grad_out, g, g.D, g.LP, g.SQ);
     const at::Tensor delta_p = pack<T>((grad_out * out).sum(2, true), g, 1, 0, g.Wr);  // sum_s p_s (dout . v_s)
     const at::Tensor lse_p = pack<T>(lse.unsqueeze(2), g, 1, 0, g.Wr);
-    // accumulated into: zeroed by the task that owns them, while they are in its cache
-    at::Tensor dq_p = at::empty({g.BH, g.H, g.D, g.Wr}, q.options());
-    at::Tensor dk_p = at::empty({g.BH, g.H, g.D, g.SK}, q.options());
-    at::Tensor dv_p = at::empty({g.BH, g.H, g.D, g.SK}, q.options());
-    at::Tensor drow_p = at::empty({g.BH, g.H, g.K, g.Wr}, q.options());
-    at::Tensor dcol_p = at::empty({g.BH, g.H, g.K, g.Wr}, q.options());
     const std::vector<T> mask = column_mask<T>(g);
     const T *qp = p.q.data_ptr<T>(), *kp = p.k.data_ptr<T>(), *vp = p.v.data_ptr<T>();
     const T *brp = p.brow.data_ptr<T>(), *bcp = p.bcol.data_ptr<T>();
@@ -350,13 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         }
       }
     });
-    dq = unpack<T>(dq_p, g, 0);
-    dk = unpack<T>(dk_p, g, g.c);
-    dv = unpack<T>(dv_p, g, g.c);
-    drow = unpack<T>(drow_p, g, 0);
-    dcol = unpack<T>(dcol_p, g, 0);
   });
-  return {dq, dk, dv, drow, dcol};
+  return {unpack(dq_p, g, 0), unpack(dk_p, g, g.c), unpack(dv_p, g, g.c), unpack(drow_p, g, 0), unpack(dcol_p, g, 0)};
 }
 
 }  // namespace

@@ -1,0 +1,59 @@
+"""The benchmark CLI runs end to end on tiny shapes and writes what it promises (no timings are
+asserted: speed is reported by the benchmarks, not tested)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+
+def _bench(*args):
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_layer_benchmark_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "layer.json"
+    done = _bench("layer", "--shapes", "2x16x12x12", "--kernel-sizes", "3", "7", "--repeats", "2", "--warmup", "0", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    rows = {(r["layer"], r["kernel_size"]): r for r in result["rows"]}
+    assert set(rows) == {(layer, k) for layer in ("conv3x3", "sasa_fast", "sasa_reference") for k in (3, 7)}
+    assert rows["conv3x3", 3]["time_vs_conv"] == 1.0 and len(rows["sasa_fast", 7]["times_ms"]) == 2
+    # the reference keeps every k x k window for its backward pass, the fast kernel does not
+    assert rows["sasa_reference", 7]["saved_bytes"] > 4 * rows["sasa_fast", 7]["saved_bytes"]
+    assert result["machine"]["torch"] == torch.__version__
+    assert "| sasa_fast | 2x16x12x12 | 7 |" in out.with_suffix(".md").read_text()
+
+
+def test_model_benchmark_reports_throughput_against_the_conv_baseline(tmp_path):
+    out = tmp_path / "model.json"
+    done = _bench("model", "--forms", "conv", "full_attention", "--resolution", "16", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+                  "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["form"] for r in rows] == ["conv", "full_attention"]
+    assert rows[0]["throughput_vs_baseline"] == 1.0 and rows[1]["images_per_s"] > 0
+    assert rows[1]["throughput_vs_baseline"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["layer", "--shapes", "8x128"], "shape must be BxCxHxW"),
+        (["model", "--forms", "conv", "resnet"], "invalid choice: 'resnet'"),
+        (["layer", "--repeats", "0"], "--repeats must be >= 1"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_them(args, message, tmp_path):
+    done = _bench(*args, "--out", str(tmp_path / "x.json"))
+    assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_device_without_gpu_is_refused(tmp_path):
+    done = _bench("model", "--device", "cuda", "--out", str(tmp_path / "x.json"))
+    assert done.returncode == 2 and "no CUDA device" in done.stderr
