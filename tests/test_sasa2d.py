@@ -108,3 +108,14 @@ def test_bad_arguments_name_the_argument(kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         SASA2d(**args)
+
+
+@pytest.mark.parametrize("H,W", [(7, 9), (8, 8), (1, 1), (6, 5)])
+def test_ceil_average_pool_equals_torch_ceil_mode_forward_and_backward(H, W):
+    from sasa.layers.sasa2d import CeilAvgPool2d
+
+    x = torch.randn(2, 3, H, W, dtype=torch.float64, requires_grad=True)
+    ours, torchs = CeilAvgPool2d()(x), torch.nn.AvgPool2d(2, 2, ceil_mode=True)(x)
+    torch.testing.assert_close(ours, torchs)
+    w = torch.randn_like(ours)
+    torch.testing.assert_close(torch.autograd.grad((ours * w).sum(), x)[0], torch.autograd.grad((torchs * w).sum(), x)[0])

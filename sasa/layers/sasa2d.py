@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
 from sasa.ops.local_attention import LOCAL_ATTENTION_IMPLS
@@ -23,6 +24,21 @@ def sinusoidal_2d(dim, H, W, *, dtype=None, device=None):
 
     pe = torch.cat([axis(H)[:, :, None].expand(half, H, W), axis(W)[:, None, :].expand(half, H, W)], dim=0)
     return pe.to(dtype)
+
+
+class CeilAvgPool2d(nn.Module):
+    """2x2/2 average pool in ceil mode, averaging over the in-image pixels of border windows:
+    ``nn.AvgPool2d(2, 2, ceil_mode=True)`` computed as a zero-padded sum over the in-image count.
+    Written out because torch.compile (inductor, torch 2.14) divides border windows by 4 in that
+    module's backward pass, giving wrong gradients on odd-sized maps."""
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        if H % 2 == 0 and W % 2 == 0:
+            return F.avg_pool2d(x, 2, 2)
+        pad = (0, W % 2, 0, H % 2)
+        count = F.avg_pool2d(F.pad(x.new_ones(1, 1, H, W), pad), 2, 2)
+        return F.avg_pool2d(F.pad(x, pad), 2, 2) / count
 
 
 class SASA2d(nn.Module):
@@ -63,7 +79,7 @@ class SASA2d(nn.Module):
         else:
             self.register_parameter("rel_row", None)
             self.register_parameter("rel_col", None)
-        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
+        self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
 
     def forward(self, x):
         B, _, H, W = x.shape

@@ -155,12 +155,14 @@ def _offsets_forward(q, k, v, row_logits, col_logits, kernel_size):
         total = total * rescale + p
         acc = acc.mul_(rescale.unsqueeze(2)).addcmul_(p.unsqueeze(2), vw)
         m = m_new
-    return acc / total.unsqueeze(2), m + total.log()
+    return (acc / total.unsqueeze(2)).contiguous(), (m + total.log()).contiguous()
 
 
+# Every kernel returns contiguous tensors, and the fake implementations say so: torch.compile
+# checks the real strides against them.
 @local_attention.register_fake
 def _(q, k, v, row_logits, col_logits, kernel_size):
-    return torch.empty_like(q), q.new_empty(q.shape[:2] + q.shape[3:])
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2] + q.shape[3:])
 
 
 @torch.library.custom_op("sasa::local_attention_backward", mutates_args=())
@@ -206,7 +208,7 @@ def _offsets_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kerne
         dcol[:, :, dj] += ds
     c = kernel_size // 2
     return (
-        dq,
+        dq.contiguous(),
         dk[..., c : c + H, c : c + W].contiguous(),
         dv[..., c : c + H, c : c + W].contiguous(),
         drow.sum_to_size(row_logits.shape).contiguous(),
@@ -216,13 +218,7 @@ def _offsets_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kerne
 
 @local_attention_backward.register_fake
 def _(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size):
-    return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
-        torch.empty_like(row_logits),
-        torch.empty_like(col_logits),
-    )
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, row_logits, col_logits))
 
 
 def _setup_context(ctx, inputs, output):
