@@ -1,8 +1,9 @@
 """Exact parameter, multiply-add and FLOP counts (FLOPs = 2 x multiply-adds, the paper's convention).
 
 Convolutions, linear layers and matmuls are counted by ``torch.utils.flop_counter``; the fast
-local-attention kernel is a custom op with its own registered formula (logits and the softmax
-weighting of values), and the relative-position terms are einsums the counter sees. Batch norm,
+local-attention kernel is a custom op with its own registered formula (logits, the softmax
+weighting of values and the factorised relative-position terms); the reference's einsums are
+seen by the counter directly. Batch norm,
 activations, pooling, softmax and residual additions are not counted, as in the paper and
 torchvision. Note: the counter has no formula for CPU ``scaled_dot_product_attention``
 decompositions; layers built on SDPA must be counted on a device where it is one op.

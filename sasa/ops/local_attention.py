@@ -18,6 +18,8 @@ block mask instead (``flex_local_attention.py``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
@@ -57,19 +59,21 @@ def fast_local_attention(q, k, v, kernel_size, rel_row=None, rel_col=None):
     FlexAttention (``sasa.ops.flex_local_attention``).
 
     The relative term is factorised, q.r = q_row . rel_row[di] + q_col . rel_col[dj], so it costs
-    k d per pixel instead of k^2 d and enters the kernel as two (B, heads, k, H, W) logit tables.
+    k d per pixel instead of k^2 d: two (B, heads, k, H, W) logit tables, which the C++ kernel
+    computes row by row instead of storing.
     """
-    row_logits = col_logits = None
-    if rel_row is not None:
-        half = rel_row.shape[1]
-        row_logits = torch.einsum("bhcyx,hck->bhkyx", q[:, :, :half], rel_row)
-        col_logits = torch.einsum("bhcyx,hck->bhkyx", q[:, :, half:], rel_col)
     if q.is_cuda:
-        return flex_local_attention(q, k, v, row_logits, col_logits, kernel_size)
-    if row_logits is None:
-        row_logits = col_logits = q.new_zeros(1, 1, kernel_size, 1, 1)
-    out, _ = local_attention(q, k, v, row_logits, col_logits, kernel_size)
+        return flex_local_attention(q, k, v, *_logit_tables(q, rel_row, rel_col), kernel_size)
+    out, _ = local_attention(q, k, v, rel_row, rel_col, kernel_size)
     return out
+
+
+def _logit_tables(q, rel_row, rel_col):
+    """(B, heads, k, H, W) row and column relative logits, or (None, None)."""
+    if rel_row is None:
+        return None, None
+    half = rel_row.shape[1]
+    return torch.einsum("bhcyx,hck->bhkyx", q[:, :, :half], rel_row), torch.einsum("bhcyx,hck->bhkyx", q[:, :, half:], rel_col)
 
 
 # --- the fast kernel as a custom op: opaque to autograd (own backward), to FlopCounterMode (own
@@ -100,12 +104,15 @@ def _border_masks(kernel_size, H, W, like):
 class _Windows:
     """Zero-padded copies of k and v whose shifted views are the memory pixels of one offset."""
 
-    def __init__(self, q, k, v, row_logits, col_logits, kernel_size):
+    def __init__(self, q, k, v, rel_row, rel_col, kernel_size):
         self.H, self.W = q.shape[-2:]
         c = kernel_size // 2
         self.k = F.pad(k, (c, c, c, c))
         self.v = F.pad(v, (c, c, c, c))
-        self.q, self.row, self.col = q, row_logits, col_logits
+        self.q = q
+        self.row, self.col = _logit_tables(q, rel_row, rel_col)
+        if self.row is None:
+            self.row = self.col = q.new_zeros(1, 1, kernel_size, 1, 1)
         self.row_mask, self.col_mask = _border_masks(kernel_size, self.H, self.W, q)
 
     def window(self, t, di, dj):
@@ -121,12 +128,12 @@ def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    row_logits: torch.Tensor,
-    col_logits: torch.Tensor,
+    rel_row: Optional[torch.Tensor],
+    rel_col: Optional[torch.Tensor],
     kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the attention output and the log-sum-exp of every (pixel, head) softmax."""
-    return _offsets_forward(q, k, v, row_logits, col_logits, kernel_size)
+    return _offsets_forward(q, k, v, rel_row, rel_col, kernel_size)
 
 
 def _cpu_extension(dtype):
@@ -134,16 +141,16 @@ def _cpu_extension(dtype):
 
 
 @local_attention.register_kernel("cpu")
-def _(q, k, v, row_logits, col_logits, kernel_size):
+def _(q, k, v, rel_row, rel_col, kernel_size):
     ext = _cpu_extension(q.dtype)
     if ext is None:
-        return _offsets_forward(q, k, v, row_logits, col_logits, kernel_size)
-    return ext.local_attention_forward(q, k, v, row_logits, col_logits, kernel_size)
+        return _offsets_forward(q, k, v, rel_row, rel_col, kernel_size)
+    return ext.local_attention_forward(q, k, v, rel_row, rel_col, kernel_size)
 
 
-def _offsets_forward(q, k, v, row_logits, col_logits, kernel_size):
+def _offsets_forward(q, k, v, rel_row, rel_col, kernel_size):
     """The PyTorch kernel: one offset at a time, online softmax."""
-    w = _Windows(q, k, v, row_logits, col_logits, kernel_size)
+    w = _Windows(q, k, v, rel_row, rel_col, kernel_size)
     for n, (di, dj) in enumerate(_offsets(kernel_size)):
         s = w.logits(di, dj)
         vw = w.window(w.v, di, dj)
@@ -161,7 +168,7 @@ def _offsets_forward(q, k, v, row_logits, col_logits, kernel_size):
 # Every kernel returns contiguous tensors, and the fake implementations say so: torch.compile
 # checks the real strides against them.
 @local_attention.register_fake
-def _(q, k, v, row_logits, col_logits, kernel_size):
+def _(q, k, v, rel_row, rel_col, kernel_size):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2] + q.shape[3:])
 
 
@@ -171,27 +178,27 @@ def local_attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    row_logits: torch.Tensor,
-    col_logits: torch.Tensor,
+    rel_row: Optional[torch.Tensor],
+    rel_col: Optional[torch.Tensor],
     out: torch.Tensor,
     lse: torch.Tensor,
     kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recomputes each offset's probabilities from the saved log-sum-exp (no k^2 storage)."""
-    return _offsets_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size)
+    """Recomputes each offset's probabilities from the saved log-sum-exp (no k^2 storage).
+    Without relative embeddings their two gradients are empty tensors."""
+    return _offsets_backward(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size)
 
 
 @local_attention_backward.register_kernel("cpu")
-def _(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size):
+def _(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size):
     ext = _cpu_extension(q.dtype)
     if ext is None:
-        return _offsets_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size)
-    dq, dk, dv, drow, dcol = ext.local_attention_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size)
-    return dq, dk, dv, drow.sum_to_size(row_logits.shape).contiguous(), dcol.sum_to_size(col_logits.shape).contiguous()
+        return _offsets_backward(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size)
+    return ext.local_attention_backward(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size)
 
 
-def _offsets_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size):
-    w = _Windows(q, k, v, row_logits, col_logits, kernel_size)
+def _offsets_backward(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size):
+    w = _Windows(q, k, v, rel_row, rel_col, kernel_size)
     delta = (grad_out * out).sum(2)  # sum_s p_s (dout . v_s)
     B, heads, _, H, W = q.shape
     dq = torch.zeros_like(q)
@@ -207,51 +214,70 @@ def _offsets_backward(grad_out, q, k, v, row_logits, col_logits, out, lse, kerne
         drow[:, :, di] += ds
         dcol[:, :, dj] += ds
     c = kernel_size // 2
+    drel_row, drel_col = q.new_empty(0), q.new_empty(0)
+    if rel_row is not None:  # through the logit tables to q's halves and the embeddings
+        half = rel_row.shape[1]
+        dq[:, :, :half] += torch.einsum("bhkyx,hck->bhcyx", drow, rel_row)
+        dq[:, :, half:] += torch.einsum("bhkyx,hck->bhcyx", dcol, rel_col)
+        drel_row = torch.einsum("bhkyx,bhcyx->hck", drow, q[:, :, :half])
+        drel_col = torch.einsum("bhkyx,bhcyx->hck", dcol, q[:, :, half:])
     return (
         dq.contiguous(),
         dk[..., c : c + H, c : c + W].contiguous(),
         dv[..., c : c + H, c : c + W].contiguous(),
-        drow.sum_to_size(row_logits.shape).contiguous(),
-        dcol.sum_to_size(col_logits.shape).contiguous(),
+        drel_row.contiguous(),
+        drel_col.contiguous(),
     )
 
 
 @local_attention_backward.register_fake
-def _(grad_out, q, k, v, row_logits, col_logits, out, lse, kernel_size):
-    return tuple(t.new_empty(t.shape) for t in (q, k, v, row_logits, col_logits))
+def _(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size):
+    rel = [q.new_empty(0), q.new_empty(0)] if rel_row is None else [rel_row.new_empty(rel_row.shape), rel_col.new_empty(rel_col.shape)]
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), *rel
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, row_logits, col_logits, kernel_size = inputs
+    q, k, v, rel_row, rel_col, kernel_size = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, row_logits, col_logits, out, lse)
-    ctx.kernel_size = kernel_size
+    ctx.save_for_backward(q, k, v, rel_row, rel_col, out, lse)
+    ctx.kernel_size, ctx.relative = kernel_size, rel_row is not None
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    grads = local_attention_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.kernel_size)
-    return (*grads, None)
+    dq, dk, dv, drel_row, drel_col = local_attention_backward(grad_out, *ctx.saved_tensors, ctx.kernel_size)
+    if not ctx.relative:
+        drel_row = drel_col = None
+    return dq, dk, dv, drel_row, drel_col, None
 
 
 local_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention_macs(q_shape, kernel_size):
+def _macs_per_window_entry(q_shape, kernel_size):
+    """k^2 d multiply-adds per pixel and head: one pass over every window entry."""
     B, heads, d, H, W = q_shape
     return B * heads * H * W * kernel_size * kernel_size * d
 
 
+def _relative_macs(q_shape, kernel_size):
+    """The factorised relative tables: k (d/2) multiply-adds each, per pixel and head."""
+    B, heads, d, H, W = q_shape
+    return B * heads * H * W * kernel_size * d
+
+
 @register_flop_formula(torch.ops.sasa.local_attention)
 def _local_attention_flops(q_shape, k_shape, v_shape, row_shape, col_shape, kernel_size, *args, **kwargs):
-    """q.k logits plus the softmax-weighted sum of values: 2 k^2 d multiply-adds per pixel and head."""
-    return 2 * 2 * _attention_macs(q_shape, kernel_size)
+    """q.k logits and the softmax-weighted sum of values, plus the relative tables."""
+    relative = _relative_macs(q_shape, kernel_size) if row_shape is not None else 0
+    return 2 * (2 * _macs_per_window_entry(q_shape, kernel_size) + relative)
 
 
 @register_flop_formula(torch.ops.sasa.local_attention_backward)
-def _local_attention_backward_flops(grad_shape, q_shape, *args, **kwargs):
-    """Recomputed logits, dv, dp, dq and dk: 5 k^2 d multiply-adds per pixel and head."""
+def _local_attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, row_shape, *args, **kwargs):
+    """Recomputed logits, dv, dp, dq and dk; for the relative tables: recomputed, dq, embeddings."""
     kernel_size = args[-1]
-    return 2 * 5 * _attention_macs(q_shape, kernel_size)
+    relative = 3 * _relative_macs(q_shape, kernel_size) if row_shape is not None else 0
+    return 2 * (5 * _macs_per_window_entry(q_shape, kernel_size) + relative)
 
 
 LOCAL_ATTENTION_IMPLS = {"reference": reference_local_attention, "fast": fast_local_attention}
