@@ -38,27 +38,31 @@ def _block_mask(H, W, kernel_size, device):
     return create_block_mask(_window(H, W, kernel_size), B=None, H=None, Q_LEN=H * W, KV_LEN=H * W, device=device)
 
 
+def _relative(row_logits, col_logits, W, kernel_size):
+    """score_mod adding the row and column relative logits of the (query, key) offset."""
+    rows, cols = row_logits.flatten(3), col_logits.flatten(3)  # (B, heads, k, H*W)
+    c = kernel_size // 2
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        # clamped: the mod also runs on the masked-out positions of partially visible blocks
+        di = (kv_idx // W - q_idx // W + c).clamp(0, kernel_size - 1)
+        dj = (kv_idx % W - q_idx % W + c).clamp(0, kernel_size - 1)
+        return score + rows[b, h, di, q_idx] + cols[b, h, dj, q_idx]
+
+    return score_mod
+
+
 def flex_local_attention(q, k, v, row_logits, col_logits, kernel_size, compiled=True):
     """(B, heads, d, H, W) q, k, v and (B, heads, k, H, W) row/column logit tables (or None for no
     relative term) -> (B, heads, d, H, W). ``compiled=False`` runs FlexAttention eagerly (the
     unfused math path: slow, O((HW)^2) memory; for tests on machines without a GPU)."""
     B, heads, d, H, W = q.shape
-    c = kernel_size // 2
     pad = max(0, MIN_HEAD_DIM - d)
 
     def tokens(t):  # (B, heads, d, H, W) -> (B, heads, H*W, d + pad)
         return F.pad(t.flatten(3).transpose(2, 3), (0, pad))
 
-    score_mod = None
-    if row_logits is not None:
-        rows, cols = row_logits.flatten(3), col_logits.flatten(3)  # (B, heads, k, H*W)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            # clamped: the mod also runs on the masked-out positions of partially visible blocks
-            di = (kv_idx // W - q_idx // W + c).clamp(0, kernel_size - 1)
-            dj = (kv_idx % W - q_idx % W + c).clamp(0, kernel_size - 1)
-            return score + rows[b, h, di, q_idx] + cols[b, h, dj, q_idx]
-
+    score_mod = None if row_logits is None else _relative(row_logits, col_logits, W, kernel_size)
     if compiled:
         attend, block_mask = _compiled_flex_attention(), _block_mask(H, W, kernel_size, str(q.device))
     else:
