@@ -1,5 +1,6 @@
 """``python -m sasa`` as a user runs it."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -42,3 +43,11 @@ def test_bad_input_exits_2_with_a_message(args, needle):
     proc = _run("info", *args)
     assert proc.returncode == 2
     assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_build_ext_reports_the_cpp_kernel_and_honours_the_off_switch():
+    proc = _run("build-ext")
+    assert proc.returncode == 0 and "C++ CPU kernel ready" in proc.stdout, proc.stderr
+    env = {**os.environ, "SASA_CPU_EXTENSION": "0"}
+    off = subprocess.run([sys.executable, "-m", "sasa", "build-ext"], capture_output=True, text=True, timeout=300, env=env)
+    assert off.returncode == 1 and "SASA_CPU_EXTENSION=0" in off.stderr
