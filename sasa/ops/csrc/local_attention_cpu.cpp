@@ -1,17 +1,19 @@
 // CPU kernel of sasa::local_attention: every pixel attends over the in-image part of its k x k
-// window, softmax(q.k + row_bias[di] + col_bias[dj]) v, with its backward pass.
+// window, softmax(q.k + q_row.r_row[di] + q_col.r_col[dj]) v, with its backward pass.
 //
-// Each task copies the rows it needs of one (image, head) from the op's tensors (any strides) into
-// thread-local zero-padded rows, [y][d][x], so that one query row and the key rows it reads are
-// each contiguous and stay in cache, and every offset's key for query x sits at padded position
-// x + dj: the loops then run without border tests, and out-of-image keys are excluded by an
-// additive -inf mask (rows of keys outside the image are skipped). Results are written straight
-// into the outputs, so the only memory besides them is a few hundred KiB per thread. The work is vectorised along x with the compiler's vector extensions (8 floats /
-// 4 doubles); the k column offsets of a window row are register-blocked four at a time, so q is
-// loaded once for four dot products. The softmax is exact per pixel (max, exp, sum); only the
-// log-sum-exp is saved, and the backward pass recomputes the probabilities (as FlashAttention).
-// Gradients of the keys and values are gathered per key position (no scattered read-modify-write),
-// and each task owns one (image, head), so no two threads write the same memory.
+// Each task copies the rows it needs of one (image, head) from the op's tensors (any strides)
+// into thread-local zero-padded rows, [y][d][x], so that one query row and the key rows it reads
+// are each contiguous and stay in cache, and every offset's key for query x sits at padded
+// position x + dj: the loops then run without border tests, and out-of-image keys are excluded by
+// an additive -inf mask (rows of keys outside the image are skipped). The relative logits of a
+// row are computed from its q and the embeddings when needed, never stored. Results are written
+// straight into the outputs, so the only memory besides them is a few hundred KiB per thread.
+// The work is vectorised along x with the compiler's vector extensions (8 floats / 4 doubles);
+// the k column offsets of a window row are register-blocked four at a time, so q is loaded once
+// for four dot products. The softmax is exact per pixel (max, exp, sum); only the log-sum-exp is
+// saved, and the backward pass recomputes the probabilities (as FlashAttention). Gradients of the
+// keys and values are gathered per key position (no scattered read-modify-write), and each
+// backward task owns one (image, head), so no two threads write the same memory.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -85,8 +87,8 @@ struct Geometry {
   int64_t di_hi(int64_t y) const { return std::min<int64_t>(K, H + c - y); }
 };
 
-// One (image, head) of a (B, heads, C, H, W) tensor with any strides (broadcast bias tables have
-// zero strides).
+// One (image, head) of a (B, heads, C, H, W) tensor with any strides (q, k and v arrive as views
+// of one qkv tensor).
 template <typename T> struct Plane {
   T* p;
   int64_t sc, sy, sx;
@@ -129,7 +131,7 @@ template <typename T> std::vector<T> column_mask(const Geometry& g) {
 }
 
 // logits of query columns [x, x + N) for column offsets dj0 .. dj0 + 3 of window row di:
-// acc[j] = q . k + row bias + column bias + mask
+// acc[j] = q . k + row relative logit + column relative logit + mask
 template <typename T>
 inline void logits4(const Geometry& g, const T* Q, const T* Krow, const T* brow, const T* bcol, const T* mask,
                     int64_t x, int64_t di, int64_t dj0, typename Vec<T>::type acc[4]) {
