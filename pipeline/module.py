@@ -26,8 +26,8 @@ class Classifier(pl.LightningModule):
         self.save_hyperparameters()
         self.train_cfg = TrainConfig(**train)
         self.model = ArchConfig(**arch).build(num_classes=num_classes, in_chans=in_chans)
-        # compile the forward function, not the module: state-dict keys and checkpoints stay the same
-        self._forward = torch.compile(self.model.forward) if self.train_cfg.compile else self.model
+        # the compiled forward function is not a module: state-dict keys and checkpoints stay the same
+        self._compiled = torch.compile(self.model.forward) if self.train_cfg.compile else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.train_cfg.label_smoothing)
         top5 = min(5, num_classes)
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -35,7 +35,7 @@ class Classifier(pl.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
 
     def forward(self, x):
-        return self._forward(x)
+        return self.model(x) if self._compiled is None else self._compiled(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

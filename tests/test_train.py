@@ -139,4 +139,7 @@ def test_compile_option_runs_the_attention_model_compiled():
     torch.testing.assert_close(out, module.model(x))
     for g, g_eager in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(g, g_eager)
-    assert all(not key.startswith("_forward") and "_orig_mod" not in key for key in module.state_dict())
+    model_keys = {f"model.{key}" for key in module.model.state_dict()}
+    assert set(module.state_dict()) == model_keys
+    eager = Classifier(arch, num_classes=10, in_chans=1, train=TINY["train"])
+    assert set(eager.state_dict()) == model_keys
