@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import layer, model
-from benchmarks.common import write
+from benchmarks.common import positive_int, write
 
 BENCHMARKS = {
     "layer": (layer, "SASA layer vs 3x3 convolution, forward + backward"),
@@ -27,7 +27,7 @@ def main(argv=None):
         module.add_arguments(p)
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
         p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype (default float32: no autocast)")
-        p.add_argument("--repeats", type=int, default=5)
+        p.add_argument("--repeats", type=positive_int, default=5)
         p.add_argument("--warmup", type=int, default=2)
         p.add_argument("--out", type=Path, default=Path(f"benchmarks/results/{name}.json"))
     args = parser.parse_args(argv)
@@ -36,10 +36,13 @@ def main(argv=None):
 
         if not torch.cuda.is_available():
             parser.error(f"--device {args.device}: no CUDA device is visible to torch")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
     module, title = BENCHMARKS[args.benchmark]
-    rows = module.run_from_args(args, progress=sys.stderr)
+    try:
+        rows = module.run_from_args(args, progress=sys.stderr)
+    except ValueError as err:  # sasa's argument checks, e.g. an input too small for the network
+        parser.error(str(err))
     write(rows, module.markdown(rows), args.out, f"{title} ({args.device}, {args.dtype})")
 
 

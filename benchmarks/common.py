@@ -1,6 +1,7 @@
 """What every benchmark shares: fresh processes, medians, timing that waits for the device, output."""
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import statistics
@@ -16,17 +17,43 @@ def in_fresh_process(fn, *args):
         return pool.apply(fn, args)
 
 
-def timed(step, device):
-    """Seconds one call of ``step`` takes, waiting for queued GPU work before and after."""
+def measure_steps(step, device, repeats, warmup):
+    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` ones (waiting for queued
+    GPU work around each) and the peak memory they add: the allocator's peak on a GPU, the growth
+    of the process's peak resident memory on the CPU. ``{"oom": True}`` if the device ran out."""
+    import resource
+
     import torch
 
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    try:
+        for _ in range(warmup + repeats):
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError:
+        return {"oom": True}
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024  # KiB on Linux
+    return {"times_s": times[warmup:], "peak_bytes": peak}
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
 
 
 def median(values):

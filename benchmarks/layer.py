@@ -8,9 +8,8 @@ ratio to the convolution measured in the same run.
 from __future__ import annotations
 
 import argparse
-import resource
 
-from benchmarks.common import in_fresh_process, median, timed
+from benchmarks.common import in_fresh_process, measure_steps, median, positive_int
 
 LAYERS = ("conv3x3", "sasa_fast", "sasa_reference")
 DEFAULT_SHAPES = [(8, 128, 28, 28), (8, 64, 56, 56), (8, 256, 14, 14)]  # ResNet groups 2, 1, 3 at 224 px / 2
@@ -54,20 +53,10 @@ def _measure(layer, shape, kernel_size, repeats, warmup, device, dtype):
         x.grad = None
         module.zero_grad(set_to_none=True)
 
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:
-        times = [1e3 * timed(step, device) for _ in range(warmup + repeats)][warmup:]
-    except torch.OutOfMemoryError:
-        return {"oom": True, "saved_bytes": saved}
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024  # KiB on Linux
-    return {"times_ms": times, "saved_bytes": saved, "peak_bytes": peak, "threads": torch.get_num_threads()}
+    r = measure_steps(step, device, repeats, warmup)
+    if not r.get("oom"):
+        r["times_ms"] = [1e3 * t for t in r.pop("times_s")]
+    return {**r, "saved_bytes": saved, "threads": torch.get_num_threads()}
 
 
 def run(shapes, kernel_sizes, repeats, warmup, layers=LAYERS, device="cpu", dtype="float32", progress=None):
@@ -122,9 +111,16 @@ def shape(text):
     return dims
 
 
+def odd_kernel(text):
+    value = positive_int(text)
+    if value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"attention windows are odd (a centre pixel), got {text!r}")
+    return value
+
+
 def add_arguments(parser):
     parser.add_argument("--shapes", type=shape, nargs="+", default=DEFAULT_SHAPES, help="BxCxHxW (default: 8x128x28x28 8x64x56x56 8x256x14x14)")
-    parser.add_argument("--kernel-sizes", type=int, nargs="+", default=[3, 7, 11])
+    parser.add_argument("--kernel-sizes", type=odd_kernel, nargs="+", default=[3, 7, 11])
     parser.add_argument("--layers", nargs="+", choices=LAYERS, default=list(LAYERS))
 
 

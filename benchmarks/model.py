@@ -8,7 +8,7 @@ on a GPU).
 """
 from __future__ import annotations
 
-from benchmarks.common import in_fresh_process, median, timed
+from benchmarks.common import in_fresh_process, measure_steps, median, positive_int
 
 FORMS = ("conv", "conv_stem_attention", "full_attention")
 IMPLS = ("fast", "reference")
@@ -35,15 +35,7 @@ def _measure(model_name, form, impl, resolution, batch_size, repeats, warmup, de
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        times = [timed(step, device) for _ in range(warmup + repeats)][warmup:]
-    except torch.OutOfMemoryError:
-        return {"oom": True}
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    return {"step_s": times, "peak_bytes": peak, "threads": torch.get_num_threads()}
+    return {**measure_steps(step, device, repeats, warmup), "threads": torch.get_num_threads()}
 
 
 def run(model_name, forms, impls, resolution, batch_size, repeats, warmup, device="cpu", dtype="float32", compile=False, progress=None):
@@ -58,7 +50,7 @@ def run(model_name, forms, impls, resolution, batch_size, repeats, warmup, devic
             row = {"model": model_name, "form": form, "impl": impl, "resolution": resolution, "batch_size": batch_size,
                    "device": device, "dtype": dtype, "compile": compile, **r}
             if not r.get("oom"):
-                row["images_per_s"] = batch_size / median(r["step_s"])
+                row["images_per_s"] = batch_size / median(r["times_s"])
             rows.append(row)
     base = next((r for r in rows if "images_per_s" in r), None)
     for r in rows:
@@ -69,7 +61,7 @@ def run(model_name, forms, impls, resolution, batch_size, repeats, warmup, devic
 
 
 def markdown(rows):
-    lines = ["| model | form | kernel | px | batch | images/s (median) | x baseline | peak GPU MiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | form | kernel | px | batch | images/s (median) | x baseline | peak MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ips = "out of memory" if r.get("oom") else f"{r['images_per_s']:.1f}"
         ratio = f"{r['throughput_vs_baseline']:.2f}" if "throughput_vs_baseline" in r else "-"
@@ -80,11 +72,13 @@ def markdown(rows):
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="resnet26", help="resnet26, resnet38 or resnet50 (default resnet26)")
+    from sasa import list_models
+
+    parser.add_argument("--model", default="resnet26", choices=list_models(), help="default resnet26")
     parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS), help="the first is the baseline")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=["fast"], help="attention kernels (default fast)")
-    parser.add_argument("--resolution", type=int, help="image size (default 32 on CPU, 224 on GPU)")
-    parser.add_argument("--batch-size", type=int, help="default 32 on CPU, 64 on GPU")
+    parser.add_argument("--resolution", type=positive_int, help="image size (default 32 on CPU, 224 on GPU)")
+    parser.add_argument("--batch-size", type=positive_int, help="default 32 on CPU, 64 on GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
 
 

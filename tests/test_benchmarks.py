@@ -44,7 +44,11 @@ def test_model_benchmark_reports_throughput_against_the_conv_baseline(tmp_path):
     [
         (["layer", "--shapes", "8x128"], "shape must be BxCxHxW"),
         (["model", "--forms", "conv", "resnet"], "invalid choice: 'resnet'"),
-        (["layer", "--repeats", "0"], "--repeats must be >= 1"),
+        (["layer", "--repeats", "0"], "must be a positive whole number, got '0'"),
+        (["layer", "--kernel-sizes", "4"], "attention windows are odd"),
+        (["model", "--model", "resnet51"], "invalid choice: 'resnet51'"),
+        (["model", "--batch-size", "-2"], "must be a positive whole number"),
+        (["model", "--forms", "conv", "--resolution", "4", "--batch-size", "2"], "is too small for this network"),
     ],
 )
 def test_bad_arguments_exit_2_naming_them(args, message, tmp_path):
