@@ -28,6 +28,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     source: Literal["mnist5k", "imagefolder", "cifar10"] = "mnist5k"
     path: Optional[str] = Field(None, description="dataset folder for imagefolder / cifar10")
+    on_bad_file: Literal["fail", "skip"] = Field("fail", description="prepare: stop on unreadable files, or leave them out")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="mnist5k: stratified hold-out share")
     seed: int = 0
     resolution: PositiveInt = 28
