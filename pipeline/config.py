@@ -9,6 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 import itertools
+import math
 from typing import Any, Literal, Optional, Union
 
 import yaml
@@ -206,6 +207,11 @@ class SweepConfig(_Section):
             if key in ARCH_KEYS and sampler != "choice":
                 raise ValueError(f"{key}: architecture keys take a list or choice, not {sampler}")
         return space
+
+    def trial_count(self) -> int:
+        """How many trials the sweep runs: every grid combination, ``num_samples`` times (an interrupted
+        Tune run only knows the trials it has generated so far)."""
+        return self.num_samples * math.prod(len(spec) for spec in self.space.values() if isinstance(spec, list))
 
     def discrete_values(self, key) -> list:
         """The values a grid or choice key can take; empty for continuous samplers."""

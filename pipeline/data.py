@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
@@ -49,6 +50,20 @@ class FileDataset(Dataset):
             return self.transform(img.convert("RGB")), label
 
 
+class EpochSeededSampler(DistributedSampler):
+    """The training order: a shuffle of (seed, epoch) like DDP's sampler (this one serves one process
+    too), and at each epoch's first batch a reseed of the process's RNGs, which the augmentations draw
+    from, by (seed, epoch, rank). Lightning calls ``set_epoch`` before every epoch, also the first one
+    after a resume, so a resumed run sees exactly the batches the uninterrupted one saw."""
+
+    def __iter__(self):
+        epoch_seed = (self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank
+        torch.manual_seed(epoch_seed)
+        np.random.seed(epoch_seed % 2**32)
+        random.seed(epoch_seed)
+        yield from super().__iter__()
+
+
 def transforms(meta, cfg: DataConfig, train: bool):
     """ImageNet-style random-resized crop for image folders; pad-crop for small array images."""
     res = cfg.resolution
@@ -65,9 +80,11 @@ def transforms(meta, cfg: DataConfig, train: bool):
 
 
 class PreparedDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, batch_size: int, prepared: str | Path = "data/prepared"):
+    default_folder = Path("data/prepared")
+
+    def __init__(self, cfg: DataConfig, batch_size: int, prepared: str | Path = default_folder, seed: int = 0):
         super().__init__()
-        self.cfg, self.batch_size, self.prepared = cfg, batch_size, Path(prepared)
+        self.cfg, self.batch_size, self.prepared, self.seed = cfg, batch_size, Path(prepared), seed
         meta_path = self.prepared / "meta.json"
         if not meta_path.is_file():
             raise StageError(f"{meta_path} is missing: run the prepare stage first (dvc repro prepare)")
@@ -89,18 +106,18 @@ class PreparedDataModule(pl.LightningDataModule):
 
     def setup(self, stage=None):
         self.train_set, self.val_set = self._dataset("train"), self._dataset("val")
-        if len(self.train_set) < self.batch_size:  # drop_last would leave no training batch at all
-            raise StageError(f"train.batch_size={self.batch_size} exceeds the {len(self.train_set)} training images")
-
-    def _loader(self, dataset, shuffle):
-        workers = self.cfg.num_workers
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=shuffle,
-        )
 
     def train_dataloader(self):
-        return self._loader(self.train_set, shuffle=True)
+        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = EpochSeededSampler(self.train_set, replicas, rank, shuffle=True, seed=self.seed, drop_last=True)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0, pin_memory=torch.cuda.is_available(), drop_last=True,
+        )
 
     def val_dataloader(self):
-        return self._loader(self.val_set, shuffle=False)
+        workers = self.cfg.num_workers
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )

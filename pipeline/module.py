@@ -3,6 +3,7 @@ that runs it, shared by the ``train`` stage and every ``sweep`` trial."""
 from __future__ import annotations
 
 import math
+import signal
 
 import lightning.pytorch as pl
 import torch
@@ -18,6 +19,51 @@ def warmup_cosine(step, warmup_steps, total_steps):
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or inf."""
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Stop at the first NaN/inf loss, before its backward pass: no weight, optimizer state or
+    checkpoint ever sees it, and the message names the epoch and step. Any rank's loss counts."""
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            raise NonFiniteLoss(
+                f"the training loss is {loss.item()} at epoch {trainer.current_epoch} (counting from 0), batch "
+                f"{trainer.fit_loop.epoch_loop.batch_idx} of the epoch, global step {trainer.global_step}"
+            )
+
+
+class StopAtBatchEnd(pl.Callback):
+    """Ctrl-C (and SIGTERM, which the stages turn into Ctrl-C) stops training at the next batch
+    boundary rather than wherever it lands: an interrupt inside an MLflow write leaves a SQLite store
+    locked. Lightning then shuts down as for Ctrl-C; a second Ctrl-C stops at once. Main thread only."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def _request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def _stop_if_requested(self, *args):
+        if self.requested:
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_validation_batch_end = _stop_if_requested
+
+    def on_fit_start(self, trainer, pl_module):
+        self.previous = signal.signal(signal.SIGINT, self._request)
+
+    def _restore(self, *args):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    on_fit_end = on_exception = _restore
 
 
 class Classifier(pl.LightningModule):
@@ -79,8 +125,8 @@ def precision(cfg: TrainConfig) -> str:
 
 
 def build_trainer(cfg: TrainConfig, **overrides) -> pl.Trainer:
-    """A Trainer configured by the train section; callers add callbacks, logger, plugins, or
-    replace the device placement (a sweep trial runs where Ray puts it)."""
+    """A Trainer configured by the train section, stopping on a non-finite loss; callers add
+    callbacks, logger, plugins, or replace the device placement (a sweep trial runs where Ray puts it)."""
     kwargs = dict(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
@@ -93,4 +139,5 @@ def build_trainer(cfg: TrainConfig, **overrides) -> pl.Trainer:
         enable_progress_bar=cfg.progress_bar,
         log_every_n_steps=1,
     )
-    return pl.Trainer(**{**kwargs, **overrides})
+    callbacks = [StopOnNonFiniteLoss(), *overrides.pop("callbacks", [])]
+    return pl.Trainer(**{**kwargs, **overrides}, callbacks=callbacks)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from pipeline import preflight
 from pipeline.config import Config
 from pipeline.stage import StageError, atomic_dir, csv_text, run_stage
 from pipeline.tracking import tracking_uri
@@ -226,6 +227,7 @@ def markdown(rows, cfg: Config, sweep_rows) -> str:
 
 
 def report(cfg: Config, out: Path = REPORTS):
+    preflight.tracking(cfg)
     rows, sweep_rows = load_runs(cfg), load_sweep()
     with atomic_dir(out) as tmp:
         (tmp / "accuracy_vs_flops.png").write_bytes(plot(rows, "mflops", "FLOPs per image (M)", cfg.report.label_points))

@@ -1,5 +1,6 @@
 """What every stage entry point shares: ``--params``, config validation before any work, exit 2 on
-bad configuration with one clear message, and writes that are never seen half done."""
+bad configuration with one clear message, SIGTERM handled like Ctrl-C (exit 130 after a clean
+stop), and writes that are never seen half done."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import csv
 import io
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -19,12 +21,20 @@ class StageError(Exception):
     """A stage cannot run with what is on disk or in the tracking store; the message says why."""
 
 
+def sigterm_as_ctrl_c():
+    """A scheduler's SIGTERM takes the same clean path as Ctrl-C: Lightning and Ray Tune stop
+    gracefully on SIGINT, MLflow runs are marked KILLED, temporary outputs are removed. Returns the
+    handler it replaced (``ray.init`` installs its own, so the sweep calls this again after it)."""
+    return signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+
+
 def run_stage(description, body, add_arguments=None, argv=None):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    previous = sigterm_as_ctrl_c()
     try:
         cfg = load_config(args.params)
         body(cfg, args)
@@ -34,20 +44,32 @@ def run_stage(description, body, add_arguments=None, argv=None):
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was kept; run the stage again to resume", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
 def atomic_dir(target: str | Path):
-    """Yield a temporary sibling folder; it replaces ``target`` only if the block succeeds."""
+    """Yield a temporary sibling folder; it replaces ``target`` only if the block succeeds.
+
+    The old folder is moved aside, not deleted, until the new one is in place; leftovers of a
+    killed earlier attempt (``.NAME.*`` siblings) are removed first."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)
     try:
         yield tmp
+        old = target.with_name(f"{tmp.name}.old")
         if target.exists():
-            shutil.rmtree(target)
+            os.replace(target, old)
         os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -55,9 +77,12 @@ def atomic_dir(target: str | Path):
 def atomic_write_text(path: str | Path, text: str):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def csv_text(rows: list[dict]) -> str:

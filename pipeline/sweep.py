@@ -6,12 +6,14 @@ Lightning Trainer, reports each epoch to Tune (ASHA may stop it there) with a ch
 trial is retried from its last epoch. The driver logs each trial as an MLflow run nested under one
 parent run per sweep: trials never touch the tracking store, so a SQLite file on the head node
 serves a whole cluster. A re-run after the driver died restores the Tune experiment and runs only
-the unfinished trials. ``sweep/results.csv`` (one row per trial) is written last.
+the unfinished trials; Ctrl-C or SIGTERM stops it gracefully and marks its MLflow runs KILLED.
+``sweep/results.csv`` (one row per trial) is written last.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +27,11 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import sasa
-from pipeline.config import ARCH_KEYS, Config, SweepConfig
+from pipeline import preflight
+from pipeline.config import ARCH_KEYS, Config, ConfigError, SweepConfig
 from pipeline.data import PreparedDataModule
 from pipeline.module import Classifier, build_trainer
-from pipeline.stage import StageError, atomic_write_text, csv_text, run_stage
+from pipeline.stage import StageError, atomic_write_text, csv_text, run_stage, sigterm_as_ctrl_c
 from pipeline.tracking import experiment_id, flatten, run_in_experiment, source_tags, tracking_uri
 
 SWEEP = Path("sweep")
@@ -86,7 +89,7 @@ def fit_trial(config: dict, cfg: Config, prepared: str, session, **placement):
     trial's latest checkpoint in ``session`` (``ray.tune`` or ``ray.train``) when there is one."""
     arch, train = split_trial_config(cfg, config)
     pl.seed_everything(train.seed, workers=True)
-    data = PreparedDataModule(cfg.data, train.batch_size, prepared)
+    data = PreparedDataModule(cfg.data, train.batch_size, prepared, seed=train.seed)
     module = Classifier(arch.model_dump(), data.num_classes, data.in_chans, train.model_dump())
     counts = sasa.count(module.model, (data.in_chans, cfg.data.resolution, cfg.data.resolution))
     trainer = build_trainer(
@@ -98,7 +101,7 @@ def fit_trial(config: dict, cfg: Config, prepared: str, session, **placement):
         trainer.fit(module, datamodule=data)
         return
     with checkpoint.as_directory() as folder:
-        trainer.fit(module, datamodule=data, ckpt_path=os.path.join(folder, CHECKPOINT))
+        trainer.fit(module, datamodule=data, ckpt_path=os.path.join(folder, CHECKPOINT), weights_only=True)
 
 
 def run_trial(config: dict, cfg: Config, prepared: str):
@@ -149,7 +152,7 @@ class MlflowTrials(tune.Callback):
 
     def __init__(self, cfg: Config, experiment_id: str, parent_id: str):
         self.cfg, self.experiment_id, self.parent_id = cfg, experiment_id, parent_id
-        self.runs = {}
+        self.runs, self.open = {}, set()
 
     @property
     def client(self):
@@ -184,7 +187,8 @@ class MlflowTrials(tune.Callback):
         return run.info.run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_id(trial)
+        self.client.update_run(self.run_id(trial), status="RUNNING")  # a restored trial's run may be KILLED
+        self.open.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         now, step = int(time.time() * 1000), int(result["epoch"])
@@ -193,9 +197,17 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.client.set_terminated(self.run_id(trial), "FINISHED")
+        self.open.discard(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.client.set_terminated(self.run_id(trial), "FAILED")
+        self.open.discard(trial.trial_id)
+
+    def kill_open_runs(self):
+        """After an interruption: the runs of trials that were still going are KILLED, not RUNNING."""
+        for trial_id in self.open:
+            self.client.set_terminated(self.runs[trial_id], "KILLED")
+        self.open.clear()
 
 
 def _storage_path(cfg: Config) -> str:
@@ -211,7 +223,10 @@ def _resumable_sweep(cfg: Config, client: MlflowClient, exp_id: str) -> dict | N
     state = json.loads(STATE.read_text())
     if state.get("finished") or state.get("fingerprint") != cfg.sweep_fingerprint():
         return None
-    return state if run_in_experiment(client, state["parent_run_id"], exp_id) else None
+    if not run_in_experiment(client, state["parent_run_id"], exp_id):
+        return None
+    client.update_run(state["parent_run_id"], status="RUNNING")  # it was marked KILLED when interrupted
+    return state
 
 
 def _start_parent_run(cfg: Config, client: MlflowClient, exp_id: str) -> dict:
@@ -234,9 +249,26 @@ def _connect(cfg: Config):
     # Checkpointing every epoch of short trials is what this sweep is meant to do; Tune warns about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = os.environ.get("RAY_ADDRESS") or cfg.sweep.address
-    ray.init(address=address or "local", ignore_reinit_error=True, log_to_driver=False)
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    else:  # the dashboard of a runtime this stage starts is for this machine only
+        ray.init(address="local", ignore_reinit_error=True, log_to_driver=False, dashboard_host="127.0.0.1")
+    sigterm_as_ctrl_c()
     where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
     print(f"sweep: {where}, {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)")
+
+
+def _check_resources(cfg: Config):
+    """A trial that no node can hold would wait forever: refuse it before any trial starts."""
+    res = cfg.sweep.resources
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    for key, per_worker in (("cpu", res.cpu), ("gpu", res.gpu)):
+        largest = max((n.get(key.upper(), 0) for n in nodes), default=0)
+        if per_worker > largest:
+            raise ConfigError(f"sweep.resources.{key}={per_worker} per worker, but the largest node has {largest:g} {key.upper()}(s)")
+        total = sum(n.get(key.upper(), 0) for n in nodes)
+        if per_worker * res.workers > total:
+            raise ConfigError(f"sweep.resources: {res.workers} workers x {per_worker} {key.upper()} exceed the cluster's {total:g}")
 
 
 def _trainable(cfg: Config, path: str):
@@ -298,21 +330,26 @@ def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
 
 
 def sweep(cfg: Config):
-    if not (PREPARED / "meta.json").is_file():
-        raise StageError(f"{PREPARED}/meta.json is missing: run the prepare stage first (dvc repro prepare)")
-    client = MlflowClient(tracking_uri(cfg))
-    exp_id = experiment_id(client, cfg)
-    state = _resumable_sweep(cfg, client, exp_id) or _start_parent_run(cfg, client, exp_id)
-    callback = MlflowTrials(cfg, exp_id, state["parent_run_id"])
-    _connect(cfg)
+    batch_sizes = cfg.sweep.discrete_values("batch_size") if "batch_size" in cfg.sweep.space else [cfg.trial_train().batch_size]
+    preflight.prepared_data(PREPARED, max(batch_sizes), key="sweep: a trial's batch_size")
+    preflight.tracking(cfg)
     started = time.perf_counter()
+    _connect(cfg)
     try:
+        _check_resources(cfg)
+        client = MlflowClient(tracking_uri(cfg))
+        exp_id = experiment_id(client, cfg)
+        state = _resumable_sweep(cfg, client, exp_id) or _start_parent_run(cfg, client, exp_id)
+        callback = MlflowTrials(cfg, exp_id, state["parent_run_id"])
         results = _tuner(cfg, state, callback).fit()
     finally:
         ray.shutdown()
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    if unfinished:  # Tune stops gracefully on Ctrl-C and keeps the experiment's state
-        raise StageError(f"the sweep was interrupted with {unfinished} trial(s) unfinished; re-run the stage to resume them")
+    unfinished = cfg.sweep.trial_count() - results.num_terminated - results.num_errors
+    if unfinished:  # Tune stops gracefully on Ctrl-C (and SIGTERM, see run_stage) and keeps the experiment's state
+        callback.kill_open_runs()
+        client.set_terminated(state["parent_run_id"], "KILLED")
+        print(f"sweep: interrupted with {unfinished} trial(s) unfinished", file=sys.stderr)
+        raise KeyboardInterrupt
     failed = [r for r in results if r.error]
     if failed:
         names = ", ".join(f"{r.metrics.get('trial_id', '?')} ({type(r.error).__name__})" for r in failed)

@@ -3,7 +3,10 @@
 ``python -m pipeline.train --variant NAME``. Checkpoints go to ``checkpoints/NAME/`` every epoch;
 ``run.json`` there records the MLflow run and a fingerprint of the variant's configuration. A re-run
 with the same fingerprint resumes from ``last.ckpt`` into the same MLflow run; a changed
-configuration starts afresh. The stage writes ``metrics/NAME.json`` (what DVC tracks) last.
+configuration starts afresh. Each epoch's shuffling and augmentation are seeded by (seed, epoch),
+so a resumed run ends with the same weights and metrics as an uninterrupted one. Ctrl-C or SIGTERM
+marks the MLflow run KILLED, a NaN/inf loss stops training (run FAILED) before it touches the
+weights or the checkpoints. The stage writes ``metrics/NAME.json`` (what DVC tracks) last.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
@@ -23,10 +27,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 
 import sasa
+from pipeline import preflight
 from pipeline.config import Config, ConfigError
 from pipeline.data import PreparedDataModule
-from pipeline.module import Classifier, build_trainer
-from pipeline.stage import atomic_write_text, run_stage
+from pipeline.module import Classifier, NonFiniteLoss, StopAtBatchEnd, build_trainer
+from pipeline.stage import StageError, atomic_write_text, run_stage
 from pipeline.tracking import experiment_id, flatten, run_in_experiment, source_tags, tracking_uri
 
 CHECKPOINTS = Path("checkpoints")
@@ -89,6 +94,7 @@ def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: Path, run_id: str 
     client = MlflowClient(tracking_uri(cfg))
     exp_id = experiment_id(client, cfg)
     if run_id and run_in_experiment(client, run_id, exp_id):
+        client.update_run(run_id, status="RUNNING")  # it may have been marked KILLED or FAILED
         return run_id
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
@@ -108,8 +114,11 @@ def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: Path, run_id: str 
 def train(cfg: Config, variant: str) -> dict | None:
     if variant not in cfg.models.variants:
         raise ConfigError(f"--variant {variant!r} is not in models.variants; defined: {', '.join(cfg.models.variants)}")
+    preflight.prepared_data(PreparedDataModule.default_folder, cfg.train.batch_size)
+    preflight.devices(cfg.train)
+    preflight.tracking(cfg)
     pl.seed_everything(cfg.train.seed, workers=True)
-    data = PreparedDataModule(cfg.data, cfg.train.batch_size)
+    data = PreparedDataModule(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
     arch = cfg.models.resolved(variant)
     module = Classifier(arch.model_dump(), data.num_classes, data.in_chans, cfg.train.model_dump())
     counts = sasa.count(module.model, (data.in_chans, cfg.data.resolution, cfg.data.resolution))
@@ -125,6 +134,7 @@ def train(cfg: Config, variant: str) -> dict | None:
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1, save_last=True),
         throughput,
+        StopAtBatchEnd(),
     ]
     if cfg.train.ema_decay:
         callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
@@ -135,10 +145,24 @@ def train(cfg: Config, variant: str) -> dict | None:
         plugins=[AtomicCheckpointIO()],
     )
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(module, datamodule=data, ckpt_path=last if resume and last.is_file() else None)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=last if resume and last.is_file() else None, weights_only=True)
+    except NonFiniteLoss as err:  # Lightning has marked the run FAILED
+        raise StageError(f"{err}. Training stopped before that step; {_describe(last)}. Lower train.lr or check the data.") from None
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C (and so SIGTERM) into SystemExit
+        if trainer.is_global_zero:
+            MlflowClient(tracking_uri(cfg)).set_terminated(run_id, "KILLED")
+        raise KeyboardInterrupt from None
     if not trainer.is_global_zero:
         return None
     return _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir)
+
+
+def _describe(last: Path) -> str:
+    if not last.is_file():
+        return "no checkpoint had been written yet"
+    epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    return f"the last good checkpoint, {last} (end of epoch {epoch}), is intact"
 
 
 def _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir):

@@ -3,7 +3,6 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from pipeline.prepare import main as prepare_main
 from tests.conftest import REPO, write_params
 
 
@@ -58,16 +57,6 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
         load_config(tmp_path / "params.yaml")
     with pytest.raises(ConfigError, match="no such parameters file"):
         load_config(tmp_path / "nope.yaml")
-
-
-def test_stage_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    write_params(tmp_path, {"train": {"epochs": -1}})
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        prepare_main(["--params", "params.yaml"])
-    assert exit_info.value.code == 2
-    assert "train.epochs" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 def test_fingerprint_changes_only_with_the_variants_own_settings(tmp_path):

@@ -1,0 +1,68 @@
+"""Checks of the environment a stage needs, run after the config is validated and before any data,
+model or tracking work: a failure is a ``ConfigError`` (exit 2) that names the key and leaves
+nothing behind (no MLflow run, no tracking database, no checkpoint folder)."""
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.tracking import tracking_uri
+
+TRACKING_TIMEOUT_S = 3
+
+
+def _tracking_key() -> str:
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
+
+
+def tracking(cfg: Config):
+    """A server answers within a few seconds; a SQLite file can be created where it is meant to be."""
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=TRACKING_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # it answered: reachable (authentication and the like are MLflow's to report)
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConfigError(
+                f"{_tracking_key()}={uri}: no MLflow server answered within {TRACKING_TIMEOUT_S} s ({reason}); start one "
+                f"(mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db) or use sqlite:///mlflow.db"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().absolute().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"{_tracking_key()}={uri}: the folder {folder} does not exist or is not writable")
+
+
+def devices(train: TrainConfig, key: str = "train"):
+    """The GPUs the section asks for exist on this machine (other nodes are the launcher's job)."""
+    available = torch.cuda.device_count()
+    wants_gpu = train.accelerator in ("gpu", "cuda")
+    if wants_gpu and not available:
+        raise ConfigError(f"{key}.accelerator={train.accelerator!r} but this machine has no CUDA GPU; use cpu or auto")
+    if (wants_gpu or (train.accelerator == "auto" and available)) and isinstance(train.devices, int) and train.devices > available:
+        raise ConfigError(f"{key}.devices={train.devices} but this machine has {available} GPU(s)")
+
+
+def prepared_data(folder: Path, batch_size: int, key: str = "train.batch_size") -> dict:
+    """``data/prepared`` is complete and holds at least one training batch; returns its meta."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"{meta_path} is missing: run the prepare stage first (dvc repro prepare)")
+    meta = json.loads(meta_path.read_text())
+    suffix = ".json" if meta["format"] == "files" else ".npz"
+    missing = [s for s in ("train", "val") if not (folder / f"{s}{suffix}").is_file()]
+    if missing:
+        raise ConfigError(f"{folder} lacks {', '.join(s + suffix for s in missing)}: run dvc repro -f prepare")
+    if meta["format"] == "files" and not Path(meta["root"]).is_dir():
+        raise ConfigError(f"the prepared image folder {meta['root']} no longer exists: fix data.path and run dvc repro -f prepare")
+    if batch_size > meta["counts"]["train"]:  # drop_last would leave no training batch at all
+        raise ConfigError(f"{key}={batch_size} exceeds the {meta['counts']['train']} training images")
+    return meta

@@ -1,0 +1,52 @@
+"""What every stage shares: SIGTERM ends a stage like Ctrl-C, and outputs appear whole or not at all."""
+import os
+import signal
+import time
+
+import pytest
+
+from pipeline.stage import atomic_dir, atomic_write_text, run_stage
+from tests.conftest import write_params
+
+
+def test_sigterm_takes_the_ctrl_c_path_and_exits_130(tmp_path, capsys):
+    write_params(tmp_path)
+    cleaned = []
+
+    def body(cfg, args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        finally:
+            cleaned.append(True)  # finally blocks run: temporary outputs are removed
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("test", body, argv=["--params", str(tmp_path / "params.yaml")])
+    assert exit_info.value.code == 130 and cleaned == [True]
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_interrupted_write_keeps_the_previous_output_and_no_temporary_files(tmp_path):
+    target = tmp_path / "prepared"
+    with atomic_dir(target) as tmp:
+        (tmp / "meta.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+        (tmp / "meta.json").write_text("half")
+        raise KeyboardInterrupt
+    assert (target / "meta.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+def test_leftovers_of_a_killed_attempt_are_removed_by_the_next(tmp_path):
+    target = tmp_path / "reports"
+    (tmp_path / ".reports.abc123").mkdir()  # what a SIGKILL between mkdtemp and rename leaves
+    (tmp_path / ".reports.abc123" / "results.md").write_text("half")
+    (tmp_path / ".reports.def456.old").mkdir()
+    with atomic_dir(target) as tmp:
+        (tmp / "results.md").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]
+    assert (target / "results.md").read_text() == "new"
+    atomic_write_text(tmp_path / "metrics" / "conv.json", "{}")
+    assert [p.name for p in (tmp_path / "metrics").iterdir()] == ["conv.json"]
