@@ -1,0 +1,94 @@
+"""Neighborhood attention: SASA with windows shifted, not padded, at the borders."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
+from sasa.layers.sasa2d import CeilAvgPool2d
+
+POS_ENCODINGS = ("relative", "none")
+
+
+def window_positions(n, kernel_size, device=None):
+    """(n, k): the rows (columns) of each pixel's window on an axis of length n, centred on the
+    pixel and shifted inward at the borders so the window stays in [0, n)."""
+    start = (torch.arange(n, device=device) - kernel_size // 2).clamp(0, n - kernel_size)
+    return start[:, None] + torch.arange(kernel_size, device=device)
+
+
+class NeighborhoodAttention2d(nn.Module):
+    """Multi-head local self-attention over each pixel's k x k nearest neighbours (Hassani et
+    al., 2023, "Neighborhood Attention Transformer").
+
+    Like SASA2d in the interior, but at the borders the window is shifted to stay inside the
+    image instead of being padded and masked, so every pixel attends over exactly k^2 real keys
+    (the attention span does not shrink at the borders). Because of the shift a key can be up to
+    k-1 rows (columns) away, so ``pos_enc="relative"`` uses 2k-1 row and column embeddings per
+    head, indexed by key - query + k - 1. Needs maps at least k x k. ``stride=2`` average-pools
+    after the attention, as SASA2d does.
+    """
+
+    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=8, pos_enc="relative"):
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("out_channels", out_channels)
+        check_odd_kernel("kernel_size", kernel_size)
+        check_positive_int("heads", heads)
+        check_choice("stride", stride, (1, 2))
+        check_choice("pos_enc", pos_enc, POS_ENCODINGS)
+        check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
+        if pos_enc == "relative":
+            check_divisible(
+                "out_channels", out_channels, 2 * heads, f"each of the {heads} heads splits its position encoding into row and column halves"
+            )
+        head_dim = out_channels // heads
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.heads, self.head_dim = kernel_size, heads, head_dim
+        self.min_size = kernel_size  # windows shift inside the map, so it must hold one (ResNet reads this)
+        self.stride, self.pos_enc = stride, pos_enc
+        self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, bias=False)
+        if pos_enc == "relative":
+            n = 2 * kernel_size - 1
+            self.rel_row = nn.Parameter(torch.randn(heads, head_dim // 2, n) * head_dim**-0.5)
+            self.rel_col = nn.Parameter(torch.randn(heads, head_dim // 2, n) * head_dim**-0.5)
+        else:
+            self.register_parameter("rel_row", None)
+            self.register_parameter("rel_col", None)
+        self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
+
+    def neighbour_index(self, H, W, device=None):
+        """(H, W, k*k) flat indices (row * W + column) of every pixel's keys, row-major in the window."""
+        k = self.kernel_size
+        rows, cols = window_positions(H, k, device), window_positions(W, k, device)
+        return (rows[:, None, :, None] * W + cols[None, :, None, :]).reshape(H, W, k * k)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        k, heads, d = self.kernel_size, self.heads, self.head_dim
+        if H < k or W < k:
+            raise ValueError(f"kernel_size={k} needs a feature map at least {k} x {k}, got {H} x {W}")
+        q, key, v = self.qkv(x).view(B, 3, heads, d, H, W).unbind(1)
+        idx = self.neighbour_index(H, W, x.device).flatten()
+
+        def neighbours(t):  # (B, heads, d, H, W, k*k)
+            return t.reshape(B, heads, d, H * W).index_select(-1, idx).view(B, heads, d, H, W, k * k)
+
+        logits = torch.einsum("zhdyx,zhdyxn->zhyxn", q, neighbours(key))
+        if self.rel_row is not None:
+            half = d // 2
+            # embedding index key - query + k - 1, (H, k) and (W, k)
+            row_idx = window_positions(H, k, x.device) - torch.arange(H, device=x.device)[:, None] + k - 1
+            col_idx = window_positions(W, k, x.device) - torch.arange(W, device=x.device)[:, None] + k - 1
+            row = torch.einsum("zhcyx,hcya->zhyxa", q[:, :, :half], self.rel_row[:, :, row_idx])
+            col = torch.einsum("zhcyx,hcxb->zhyxb", q[:, :, half:], self.rel_col[:, :, col_idx])
+            logits = logits + (row[..., :, None] + col[..., None, :]).reshape(B, heads, H, W, k * k)
+        attn = logits.softmax(dim=-1)
+        out = torch.einsum("zhyxn,zhdyxn->zhdyx", attn, neighbours(v))
+        return self.pool(out.reshape(B, self.out_channels, H, W))
+
+    def extra_repr(self):
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, "
+            f"heads={self.heads}, pos_enc={self.pos_enc!r}"
+        )
