@@ -1,0 +1,141 @@
+"""SAN's vector self-attention (Zhao, Jia & Koltun, "Exploring Self-attention for Image
+Recognition", CVPR 2020) as spatial mixers: y_i = sum_{j in R(i)} alpha(x_R(i))_j * beta(x_j).
+
+Unlike SASA's scalar (per-head) attention, alpha gives a weight *vector* per footprint position,
+so different channels mix the footprint differently; one weight channel serves ``share``
+consecutive value channels. R(i) is the k x k footprint around pixel i. Footprint positions
+outside the image are masked out of the softmax (as SASA masks its windows), so a border pixel
+attends over the in-image part of its footprint; SAN pads by reflection instead, so its border
+pixels give weight to mirrored copies of in-image pixels. Masked positions still pass through
+gamma (with zeros for psi's features), so in training gamma's batch-norm statistics include
+them. SAN's phi, psi and beta have biases; these have none (see below).
+
+The footprints are materialised with ``F.unfold`` (O(k^2 C H W) memory; SAN has custom CUDA
+kernels for this). Every multiply-add is a convolution or an einsum, so
+``torch.utils.flop_counter`` counts the layers exactly, the weighted sum over the footprint
+included (k^2 out_channels per pixel).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
+from sasa.layers.sasa2d import CeilAvgPool2d
+
+
+class _VectorAttention2d(nn.Module):
+    """What both SAN mixers share: the 1x1 maps phi, psi (to out_channels // reduction) and beta
+    (to out_channels), footprint gathering, the masked softmax over the footprint, the weighted
+    sum with weight sharing, and the optional stride-2 pool."""
+
+    def __init__(self, in_channels, out_channels, stride, kernel_size, share, reduction):
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("out_channels", out_channels)
+        check_choice("stride", stride, (1, 2))
+        check_odd_kernel("kernel_size", kernel_size)
+        check_positive_int("share", share)
+        check_positive_int("reduction", reduction)
+        check_divisible("out_channels", out_channels, share, f"share={share} value channels use each attention weight channel")
+        check_divisible("out_channels", out_channels, reduction, f"reduction={reduction} sets the relation width out_channels // reduction")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.kernel_size, self.share, self.reduction = kernel_size, share, reduction
+        self.rel_channels = out_channels // reduction
+        self.weight_channels = out_channels // share
+        # No biases: phi's and psi's would shift gamma's input by a constant, which its first
+        # batch norm absorbs; the softmax weights sum to 1, so beta's would only shift the output.
+        self.phi = nn.Conv2d(in_channels, self.rel_channels, 1, bias=False)
+        self.psi = nn.Conv2d(in_channels, self.rel_channels, 1, bias=False)
+        self.beta = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
+
+    def footprint(self, t):
+        """(B, C, H, W) -> (B, C, k*k, H*W): the footprint of every pixel, zeros outside the image."""
+        k = self.kernel_size
+        return F.unfold(t, k, padding=k // 2).view(t.shape[0], t.shape[1], k * k, -1)
+
+    def aggregate(self, logits, x):
+        """Masked softmax of ``logits`` (B, out_channels // share, k*k, H*W) over the footprint,
+        then the weighted sum of beta(x_j), weight channel g serving value channels
+        g*share ... g*share + share - 1. Returns (B, out_channels, H_out, W_out)."""
+        B, _, H, W = x.shape
+        inside = self.footprint(x.new_ones(1, 1, H, W)) > 0
+        attn = logits.masked_fill(~inside, float("-inf")).softmax(dim=2)
+        values = self.footprint(self.beta(x)).view(B, self.weight_channels, self.share, -1, H * W)
+        out = torch.einsum("bgnp,bgsnp->bgsp", attn, values)  # an einsum so the counter sees it
+        return self.pool(out.reshape(B, self.out_channels, H, W))
+
+    def extra_repr(self):
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, "
+            f"share={self.share}, reduction={self.reduction}"
+        )
+
+
+class SANPairwise2d(_VectorAttention2d):
+    """SAN's pairwise vector attention: alpha(x_i, x_j) = gamma([phi(x_i) - psi(x_j), p(j - i)]).
+
+    The relation is subtraction, SAN's best. p is the position encoding: the (dy, dx) offset of
+    j from i divided by k // 2 (so in [-1, 1], independent of the image size) times a 2x2 matrix,
+    ``position`` (SAN's 1x1 conv 2->2 applied to normalised coordinates and subtracted: its bias
+    cancels). gamma = BN-ReLU-1x1 conv (rel_channels+2 -> rel_channels)-BN-ReLU-1x1 conv
+    (-> out_channels // share), as in SAN, applied to every (pixel, footprint position) pair.
+    With ``stride=2`` a ceil-mode 2x2/2 average pool follows, as in ``SASA2d``.
+    """
+
+    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, share=8, reduction=8):
+        super().__init__(in_channels, out_channels, stride, kernel_size, share, reduction)
+        r = self.rel_channels
+        self.position = nn.Conv2d(2, 2, 1, bias=False)
+        self.gamma = nn.Sequential(
+            nn.BatchNorm2d(r + 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(r + 2, r, 1, bias=False),
+            nn.BatchNorm2d(r),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(r, self.weight_channels, 1),
+        )
+        c = kernel_size // 2
+        steps = (torch.arange(kernel_size, dtype=torch.float32) - c) / max(c, 1)
+        offsets = torch.stack(torch.meshgrid(steps, steps, indexing="ij"))  # (2, k, k): (dy, dx)
+        self.register_buffer("offsets", offsets[None], persistent=False)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        kk = self.kernel_size**2
+        relation = self.phi(x).view(B, self.rel_channels, 1, H * W) - self.footprint(self.psi(x))
+        pos = self.position(self.offsets).view(1, 2, kk, 1).expand(B, 2, kk, H * W)
+        return self.aggregate(self.gamma(torch.cat([relation, pos], dim=1)), x)
+
+
+class SANPatchwise2d(_VectorAttention2d):
+    """SAN's patchwise vector attention: alpha(x_R(i)) = gamma([phi(x_i), psi(x_j) for j in R(i)]),
+    one weight vector per footprint position computed from the whole patch (SAN's concatenation
+    relation; the position of j is implicit in where psi(x_j) sits, so no position encoding).
+
+    gamma's input is phi(x_i) followed by psi's footprint channel-major (channel c of footprint
+    position n at c*k*k + n, as ``F.unfold`` lays it out; zeros outside the image). gamma =
+    BN-ReLU-1x1 conv (-> out_channels // share)-BN-ReLU-1x1 conv (-> (out_channels // share) *
+    k*k, weight channel g of position n at g*k*k + n), as in SAN. With ``stride=2`` a ceil-mode
+    2x2/2 average pool follows, as in ``SASA2d``.
+    """
+
+    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=3, share=8, reduction=8):
+        super().__init__(in_channels, out_channels, stride, kernel_size, share, reduction)
+        width, g, kk = self.rel_channels * (kernel_size**2 + 1), self.weight_channels, kernel_size**2
+        self.gamma = nn.Sequential(
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, g, 1, bias=False),
+            nn.BatchNorm2d(g),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(g, g * kk, 1),
+        )
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        patch = torch.cat([self.phi(x).flatten(2), self.footprint(self.psi(x)).flatten(1, 2)], dim=1)
+        logits = self.gamma(patch.view(B, -1, H, W)).view(B, self.weight_channels, self.kernel_size**2, H * W)
+        return self.aggregate(logits, x)
