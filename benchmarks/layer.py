@@ -1,4 +1,5 @@
-"""Layer benchmark: SASA (fast and reference kernels) against a 3x3 convolution of the same width.
+"""Layer benchmark: SASA (fast and reference kernels) and every other attention mixer against a 3x3
+convolution of the same width.
 
 Forward + backward: median time over repeats, the activation memory autograd keeps for the
 backward pass, and the peak memory of the step (GPU: allocator peak; CPU: growth of the
@@ -11,18 +12,22 @@ import argparse
 
 from benchmarks.common import in_fresh_process, measure_steps, median, positive_int
 
-LAYERS = ("conv3x3", "sasa_fast", "sasa_reference")
+MIXER_LAYERS = ("halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise")
+LAYERS = ("conv3x3", "sasa_fast", "sasa_reference", *MIXER_LAYERS)
 DEFAULT_SHAPES = [(8, 128, 28, 28), (8, 64, 56, 56), (8, 256, 14, 14)]  # ResNet groups 2, 1, 3 at 224 px / 2
 
 
 def _build(layer, channels, kernel_size):
-    import torch.nn as nn
-
-    from sasa import SASA2d
+    """``kernel_size`` is the window of the local mixers; halo uses 8 x 8 blocks with halo k // 2
+    (HaloNet's b = 8, h = 3 at k = 7); bot and aa attend globally whatever k is."""
+    from sasa.layers import create_mixer
 
     if layer == "conv3x3":
-        return nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-    return SASA2d(channels, channels, kernel_size, heads=8, impl=layer.removeprefix("sasa_"))
+        return create_mixer("conv", channels, channels)
+    if layer.startswith("sasa_"):
+        return create_mixer("sasa", channels, channels, kernel_size=kernel_size, heads=8, impl=layer.removeprefix("sasa_"))
+    options = {"block_size": 8, "halo": kernel_size // 2} if layer == "halo" else {}
+    return create_mixer(layer, channels, channels, shared={"kernel_size": kernel_size, "heads": 8}, **options)
 
 
 def _measure(layer, shape, kernel_size, repeats, warmup, device, dtype):

@@ -50,6 +50,8 @@ class ArchConfig(_Section):
     width: Optional[float] = None
     small_input: Optional[bool] = None
     zero_init_residual: Optional[bool] = None
+    mixer: Optional[str] = Field(None, description="what fills the attention groups: sasa, halo, bot, ... (sasa.layers.MIXERS)")
+    mixer_args: Optional[dict[str, Any]] = Field(None, description="the mixer's own options, e.g. {block_size: 4, halo: 1}")
 
     @property
     def model_name(self) -> str:
@@ -58,6 +60,10 @@ class ArchConfig(_Section):
     @property
     def form_name(self) -> str:
         return self.form or "conv"
+
+    @property
+    def mixer_name(self) -> str:
+        return self.mixer or "sasa"
 
     def merged_over(self, base: "ArchConfig") -> "ArchConfig":
         return base.model_copy(update=self.model_dump(exclude_none=True))

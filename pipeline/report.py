@@ -1,7 +1,7 @@
 """Stage ``report``: read the variants' runs back from MLflow and write ``reports/``.
 
 - ``accuracy_vs_flops.png`` / ``accuracy_vs_params.png``: top-1 against cost, one marker per
-  form, the Pareto front drawn, points labelled;
+  form (SASA) or attention mixer (halo, bot, ...), the Pareto front drawn, points labelled;
 - ``results.md``: a table in the shape of the paper's Table 1, the paper's ImageNet numbers
   beside ours for the same model names, then every variant;
 - ``results.csv``: the same rows for ``dvc plots``;
@@ -23,11 +23,14 @@ from pipeline import preflight
 from pipeline.config import Config
 from pipeline.stage import StageError, atomic_dir, csv_text, run_stage
 from pipeline.tracking import tracking_uri
+from sasa.models import FORMS
 from sasa.paper import TABLE1, TABLE4
 
 REPORTS = Path("reports")
 SWEEP_RESULTS = Path("sweep/results.csv")
-MARKERS = {"conv": "o", "conv_stem_attention": "s", "full_attention": "^"}
+# one marker per form with SASA, and per other attention mixer (a variant's "kind")
+MARKERS = {"conv": "o", "conv_stem_attention": "s", "full_attention": "^", "halo": "P", "bot": "X", "neighborhood": "v",
+           "aa": "<", "san_pairwise": "h", "san_patchwise": "H"}
 STEM_MARKERS = {"conv": "o", "attention": "^"}
 DEPTH_NAMES = {"resnet26": "ResNet-26", "resnet38": "ResNet-38", "resnet50": "ResNet-50"}
 
@@ -54,9 +57,12 @@ def load_runs(cfg: Config) -> list[dict]:
             continue
         run, arch = runs[0], cfg.models.resolved(variant)
         m = run.data.metrics
+        groups = FORMS[arch.form_name]["attention_groups"] if arch.attention_groups is None else arch.attention_groups
         rows.append({
-            "variant": variant, "model": arch.model_name, "form": arch.form_name,
-            "paper_form": arch.stem is None and arch.attention_groups is None,  # exactly one of Table 1's forms
+            "variant": variant, "model": arch.model_name, "form": arch.form_name, "mixer": arch.mixer_name,
+            "kind": arch.mixer_name if groups and arch.mixer_name != "sasa" else arch.form_name,
+            # exactly one of Table 1's forms
+            "paper_form": arch.stem is None and arch.attention_groups is None and arch.mixer_name == "sasa",
             "params": int(m["params"]), "mflops": m["flops"] / 1e6, "top1": 100 * m["top1"], "top5": 100 * m["top5"],
             "images_per_s": m.get("throughput_images_per_s", float("nan")), "run_id": run.info.run_id,
         })
@@ -106,9 +112,9 @@ def _png(plt, fig) -> bytes:
 
 def plot(rows, x_key, x_label, label_points):
     plt, fig, ax = _figure()
-    for form in sorted({r["form"] for r in rows}):
-        pts = [r for r in rows if r["form"] == form]
-        ax.scatter([r[x_key] for r in pts], [r["top1"] for r in pts], marker=MARKERS.get(form, "D"), s=60, label=form.replace("_", " "))
+    for kind in sorted({r["kind"] for r in rows}):
+        pts = [r for r in rows if r["kind"] == kind]
+        ax.scatter([r[x_key] for r in pts], [r["top1"] for r in pts], marker=MARKERS.get(kind, "D"), s=60, label=kind.replace("_", " "))
     front = pareto_front([(r[x_key], r["top1"]) for r in rows])
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.5", linestyle="--", linewidth=1, label="Pareto front")
     if label_points:
@@ -214,12 +220,12 @@ def markdown(rows, cfg: Config, sweep_rows) -> str:
         "",
         "## All variants",
         "",
-        "| variant | model | form | params | MFLOPs | top-1 % | top-5 % | train images/s | MLflow run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | model | form | mixer | params | MFLOPs | top-1 % | top-5 % | train images/s | MLflow run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["mflops"]):
         lines.append(
-            f"| {r['variant']} | {r['model']} | {r['form']} | {r['params']:,} | {r['mflops']:.1f} | {r['top1']:.2f} | "
+            f"| {r['variant']} | {r['model']} | {r['form']} | {r['mixer']} | {r['params']:,} | {r['mflops']:.1f} | {r['top1']:.2f} | "
             f"{r['top5']:.2f} | {r['images_per_s']:.0f} | `{r['run_id']}` |"
         )
     lines += sweep_markdown(sweep_rows, cfg)

@@ -178,7 +178,7 @@ class MlflowTrials(tune.Callback):
         arch, train = split_trial_config(self.cfg, trial.config)
         tags = {
             "mlflow.parentRunId": self.parent_id, "sasa.kind": "sweep_trial", "sasa.sweep": self.cfg.sweep.name,
-            "sasa.trial_id": trial.trial_id, "sasa.model": arch.model_name, "sasa.form": arch.form_name,
+            "sasa.trial_id": trial.trial_id, "sasa.model": arch.model_name, "sasa.form": arch.form_name, "sasa.mixer": arch.mixer_name,
         }
         run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
         params = {**flatten("arch", arch.model_dump()), **flatten("train", train.model_dump()), **flatten("data", self.cfg.data.model_dump())}

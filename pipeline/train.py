@@ -101,7 +101,7 @@ def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: Path, run_id: str 
     arch = cfg.models.resolved(variant)
     fingerprint = cfg.fingerprint(variant)
     tags = {"sasa.kind": "train", "sasa.variant": variant, "dvc.stage": f"train@{variant}", "sasa.fingerprint": fingerprint}
-    tags.update({"sasa.model": arch.model_name, "sasa.form": arch.form_name}, **source_tags())
+    tags.update({"sasa.model": arch.model_name, "sasa.form": arch.form_name, "sasa.mixer": arch.mixer_name}, **source_tags())
     run = client.create_run(exp_id, run_name=variant, tags=tags)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten("data", cfg.data.model_dump()).items()])
     for name, value in counts.as_dict().items():

@@ -9,6 +9,7 @@ import os
 import sys
 
 from sasa import count, create_model, list_models
+from sasa.layers import MIXERS
 from sasa.models import FORMS
 from sasa.paper import TABLE1
 
@@ -22,11 +23,22 @@ def _groups(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated group numbers such as 2,3,4, got {text!r}") from None
 
 
+def _option(text):
+    """KEY=VALUE, the value read as YAML (so 8 is an int, 0.2 a float, true a bool)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as block_size=8, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def _info(args):
     kwargs = {
         "form": args.form, "stem": args.stem, "attention_groups": args.attention_groups, "kernel_size": args.kernel_size,
         "heads": args.heads, "pos_enc": args.pos_enc, "width": args.width, "num_classes": args.num_classes,
-        "in_chans": args.in_chans, "small_input": args.small_input,
+        "in_chans": args.in_chans, "small_input": args.small_input, "mixer": args.mixer,
+        "mixer_args": dict(args.mixer_arg) if args.mixer_arg else None,
     }
     model = create_model(args.model, **{k: v for k, v in kwargs.items() if v is not None})
     counts = count(model, args.resolution)
@@ -88,6 +100,9 @@ def main(argv=None):
     info.add_argument("--kernel-size", type=int, help="attention window k (default 7)")
     info.add_argument("--heads", type=int, help="attention heads (default 8)")
     info.add_argument("--pos-enc", help="relative, absolute or none (default relative)")
+    info.add_argument("--mixer", help=f"what fills the attention groups: one of {', '.join(MIXERS)} (default sasa)")
+    info.add_argument("--mixer-arg", type=_option, action="append", metavar="KEY=VALUE",
+                      help="an option of the mixer, e.g. block_size=8 (repeatable)")
     info.add_argument("--width", type=float, help="channel multiplier (default 1.0)")
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--in-chans", type=int, default=3)

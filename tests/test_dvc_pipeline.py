@@ -33,7 +33,8 @@ def project(tmp_path):
         shutil.copy(REPO / name, tmp_path / name)
     for pkg in ("sasa", "pipeline"):
         shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(tmp_path, {"models": {"variants": {"conv": {"form": "conv"}, "attn": {"form": "full_attention"}}}, "train": {"epochs": 1}})
+    variants = {"conv": {"form": "conv"}, "attn": {"form": "full_attention"}, "bot": {"form": "conv", "attention_groups": [4], "mixer": "bot"}}
+    write_params(tmp_path, {"models": {"variants": variants}, "train": {"epochs": 1}})
     (tmp_path / ".gitignore").write_text("mlflow.db\nmlruns/\n")
     _sh("git", "init", "-q", cwd=tmp_path)
     _sh("dvc", "init", "-q", cwd=tmp_path)
@@ -44,13 +45,15 @@ def project(tmp_path):
 
 def test_repro_status_rerun_and_report(project):
     first = _sh("dvc", "repro", cwd=project)
-    for stage in ("prepare", "train@conv", "train@attn", "sweep", "report"):
+    for stage in ("prepare", "train@conv", "train@attn", "train@bot", "sweep", "report"):
         assert f"Running stage '{stage}'" in first.stdout
 
     rows = list(csv.DictReader((project / "reports" / "results.csv").open()))
-    assert sorted(r["variant"] for r in rows) == ["attn", "conv"]
+    assert sorted(r["variant"] for r in rows) == ["attn", "bot", "conv"]
+    assert {r["variant"]: r["kind"] for r in rows} == {"attn": "full_attention", "bot": "bot", "conv": "conv"}  # plot markers
     md = (project / "reports" / "results.md").read_text()
     assert "| conv | ours: conv |" in md and "| | paper | 4.7 G / 13.7 M / 74.5 |" in md and "| full attention | ours: attn |" in md
+    assert "| bot | resnet26 | conv | bot |" in md and "ours: bot" not in md  # not one of the paper's forms
     assert "## Sweep: spatial extent and stem" in md and "| 6.6 / 18.0 / 76.4 |" in md  # k = 3 beside the paper
     for png in ("accuracy_vs_flops.png", "accuracy_vs_params.png", "sweep_accuracy_vs_flops.png"):
         assert Image.open(project / "reports" / png).size[0] > 300

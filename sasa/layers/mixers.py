@@ -1,24 +1,64 @@
-"""Spatial mixers: what fills the 3x3 position of a ResNet bottleneck. One name per mixer."""
+"""Spatial mixers: what fills the 3x3 position of a ResNet bottleneck. One name per mixer.
+
+Every mixer is built as ``cls(in_channels, out_channels, stride, **options)``. The network's
+shared attention settings (``kernel_size``, ``heads``, ``pos_enc``, ``impl``) reach the mixers
+whose constructors take them; anything else is a mixer's own option (``mixer_args``), checked
+strictly so that a misspelt option is an error rather than silently ignored.
+"""
 from __future__ import annotations
+
+import inspect
 
 import torch.nn as nn
 
 from sasa.layers._checks import check_choice
+from sasa.layers.global_attention import AttentionAugmentedConv2d, BoTAttention2d
+from sasa.layers.halo import HaloAttention2d
+from sasa.layers.neighborhood import NeighborhoodAttention2d
+from sasa.layers.san import SANPairwise2d, SANPatchwise2d
 from sasa.layers.sasa2d import SASA2d
 
 
-def conv_mixer(in_channels, out_channels, stride=1, **_):
+class Conv3x3(nn.Conv2d):
     """The baseline 3x3 convolution (stride on the conv, as torchvision's ResNet v1.5)."""
-    return nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__(in_channels, out_channels, 3, stride, 1, bias=False)
 
 
-def sasa_mixer(in_channels, out_channels, stride=1, *, kernel_size=7, heads=8, pos_enc="relative", impl="fast", **_):
-    return SASA2d(in_channels, out_channels, kernel_size, heads, stride, pos_enc, impl)
+class SASAMixer(SASA2d):
+    """SASA with the mixer argument order (stride third)."""
+
+    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=8, pos_enc="relative", impl="fast"):
+        super().__init__(in_channels, out_channels, kernel_size, heads, stride, pos_enc, impl)
 
 
-MIXERS = {"conv": conv_mixer, "sasa": sasa_mixer}
+MIXERS = {
+    "conv": Conv3x3,
+    "sasa": SASAMixer,
+    "halo": HaloAttention2d,
+    "neighborhood": NeighborhoodAttention2d,
+    "bot": BoTAttention2d,
+    "aa": AttentionAugmentedConv2d,
+    "san_pairwise": SANPairwise2d,
+    "san_patchwise": SANPatchwise2d,
+}
+SHARED_OPTIONS = ("kernel_size", "heads", "pos_enc", "impl")
 
 
-def create_mixer(name, in_channels, out_channels, stride=1, **kwargs):
+def mixer_options(name) -> tuple[str, ...]:
+    """The keyword options mixer ``name`` takes (besides channels and stride)."""
     check_choice("mixer", name, tuple(MIXERS))
-    return MIXERS[name](in_channels, out_channels, stride, **kwargs)
+    params = inspect.signature(MIXERS[name]).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+
+
+def create_mixer(name, in_channels, out_channels, stride=1, shared=None, **options):
+    """Build mixer ``name``. ``shared`` holds the network-wide attention settings, passed on where
+    the mixer takes them; ``options`` are the mixer's own and must all be known to it."""
+    allowed = mixer_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"mixer={name!r} has no option {', '.join(map(repr, unknown))}; it takes: {', '.join(allowed) or 'none'}")
+    kwargs = {k: v for k, v in (shared or {}).items() if k in allowed}
+    return MIXERS[name](in_channels, out_channels, stride, **{**kwargs, **options})

@@ -1,12 +1,13 @@
 """ResNet-26/38/50 bottleneck networks in conv, conv-stem + attention, full-attention and
-per-group hybrid forms (the paper's Tables 1 and 3)."""
+per-group hybrid forms (the paper's Tables 1 and 3), with SASA or any other registered
+attention mixer (``sasa.layers.mixers``) in the attention groups."""
 from __future__ import annotations
 
 import re
 
 import torch.nn as nn
 
-from sasa.layers import POS_ENCODINGS, STEMS, create_mixer
+from sasa.layers import MIXERS, POS_ENCODINGS, STEMS, create_mixer
 from sasa.layers._checks import check_choice, check_odd_kernel, check_positive_int
 from sasa.layers.stem import STEM_STRIDE
 from sasa.models.registry import register_model
@@ -25,12 +26,12 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels, width, stride, mixer, mixer_kwargs):
+    def __init__(self, in_channels, width, stride, mixer, shared, options):
         super().__init__()
         out_channels = width * self.expansion
         self.reduce = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.mixer = create_mixer(mixer, width, width, stride, **mixer_kwargs)
+        self.mixer = create_mixer(mixer, width, width, stride, shared, **options)
         self.bn2 = nn.BatchNorm2d(width)
         self.expand = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
@@ -54,7 +55,9 @@ def _attention_groups(value):
 
 
 class ResNet(nn.Module):
-    """Bottleneck ResNet whose 3x3 convolutions are replaced by SASA in ``attention_groups``.
+    """Bottleneck ResNet whose 3x3 convolutions are replaced by ``mixer`` (SASA by default; see
+    ``sasa.layers.mixers.MIXERS``) in ``attention_groups``; ``mixer_args`` are that mixer's own
+    options (e.g. ``{"block_size": 8, "halo": 3}`` for ``halo``).
 
     Module names: ``stem``, ``layer1``..``layer4`` (blocks with ``reduce``, ``mixer``,
     ``expand``, ``shortcut``), ``fc``. ``small_input=True`` swaps in stems that keep the input
@@ -80,9 +83,13 @@ class ResNet(nn.Module):
         small_input=False,
         zero_init_residual=False,
         impl="fast",
+        mixer="sasa",
+        mixer_args=None,
     ):
         super().__init__()
         check_choice("form", form, tuple(FORMS))
+        check_choice("mixer", mixer, tuple(MIXERS))
+        mixer_args = dict(mixer_args or {})
         stem = FORMS[form]["stem"] if stem is None else stem
         check_choice("stem", stem, tuple(STEMS))
         attention_groups = _attention_groups(FORMS[form]["attention_groups"] if attention_groups is None else attention_groups)
@@ -100,20 +107,23 @@ class ResNet(nn.Module):
         self.config = dict(
             form=form, stem=stem, attention_groups=attention_groups, kernel_size=kernel_size, heads=heads,
             pos_enc=pos_enc, width=width, num_classes=num_classes, in_chans=in_chans, small_input=small_input,
-            zero_init_residual=zero_init_residual,
+            zero_init_residual=zero_init_residual, mixer=mixer, mixer_args=mixer_args,
         )
         self.in_chans = in_chans
         self.min_input_size = STEM_STRIDE[bool(small_input)] * 8
-        attention = dict(kernel_size=kernel_size, heads=heads, pos_enc=pos_enc, impl=impl)
+        shared = dict(kernel_size=kernel_size, heads=heads, pos_enc=pos_enc, impl=impl)
         self.stem = STEMS[stem](in_chans, widths[0], small_input=small_input, heads=heads, pos_enc=pos_enc)
-        channels = widths[0]
+        channels, in_stride = widths[0], STEM_STRIDE[bool(small_input)]
         for group, (n, w) in enumerate(zip(blocks, widths), start=1):
-            mixer = "sasa" if group in attention_groups else "conv"
+            attends = group in attention_groups
             layer = []
             for i in range(n):
                 stride = 2 if group > 1 and i == 0 else 1
-                layer.append(Bottleneck(channels, w, stride, mixer, attention if mixer == "sasa" else {}))
-                channels = w * Bottleneck.expansion
+                block = Bottleneck(channels, w, stride, mixer if attends else "conv", shared, mixer_args if attends else {})
+                # a mixer that needs maps of at least min_size px (neighbourhood windows) raises the input minimum
+                self.min_input_size = max(self.min_input_size, in_stride * (getattr(block.mixer, "min_size", 1) - 1) + 1)
+                layer.append(block)
+                channels, in_stride = w * Bottleneck.expansion, in_stride * stride
             self.add_module(f"layer{group}", nn.Sequential(*layer))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)

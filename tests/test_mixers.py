@@ -1,0 +1,92 @@
+"""The mixer registry: every attention mixer fills the same ResNet skeleton, is counted by the
+same FLOP counter and reachable from the CLI and params.yaml. (Each mixer's defining property is
+tested in its own file.)"""
+import json
+
+import pytest
+import torch
+
+import sasa
+from pipeline.config import ConfigError, load_config
+from sasa.__main__ import main as cli
+from sasa.layers import MIXERS, create_mixer
+from sasa.layers.mixers import mixer_options
+from tests.conftest import write_params
+
+ATTENTION_MIXERS = sorted(set(MIXERS) - {"conv"})
+
+
+def test_the_registry_names_every_mixer_of_the_issue():
+    assert set(MIXERS) == {"conv", "sasa", "halo", "aa", "bot", "san_pairwise", "san_patchwise", "neighborhood"}
+    assert {"block_size", "halo", "heads", "pos_enc"} <= set(mixer_options("halo"))
+    assert mixer_options("conv") == ()
+
+
+def test_shared_settings_reach_only_the_mixers_that_take_them():
+    shared = {"kernel_size": 5, "heads": 2, "pos_enc": "relative", "impl": "fast"}
+    assert create_mixer("neighborhood", 16, 16, 1, shared).kernel_size == 5
+    assert create_mixer("bot", 16, 16, 1, shared).heads == 2  # bot takes heads, not kernel_size
+    assert isinstance(create_mixer("conv", 16, 16, 2, shared), torch.nn.Conv2d)
+
+
+def test_an_unknown_mixer_option_is_an_error_naming_it_and_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"mixer='halo' has no option 'blocksize'; it takes: block_size, halo, heads, pos_enc"):
+        create_mixer("halo", 16, 16, 1, blocksize=4)
+    with pytest.raises(ValueError, match=r"mixer='axial' is not supported; allowed: 'conv', 'sasa'"):
+        create_mixer("axial", 16, 16)
+
+
+@pytest.mark.parametrize("mixer", ATTENTION_MIXERS)
+def test_every_mixer_fills_the_resnet_skeleton_trains_and_is_counted(mixer):
+    groups = (4,) if mixer == "bot" else (1, 2, 3, 4)  # BoTNet's placement; the others everywhere
+    args = {"block_size": 4, "halo": 1} if mixer == "halo" else {}
+    model = sasa.create_model("resnet26", width=0.125, heads=2, kernel_size=3, small_input=True, num_classes=10, in_chans=1,
+                              attention_groups=groups, mixer=mixer, mixer_args=args)
+    assert model.config["mixer"] == mixer and model.config["mixer_args"] == args
+    assert type(model.layer4[0].mixer) is MIXERS[mixer]
+    assert type(model.layer1[0].mixer) is (MIXERS["conv"] if mixer == "bot" else MIXERS[mixer])
+    x = torch.randn(2, 1, 28, 28)
+    model(x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    conv = sasa.count(sasa.create_model("resnet26", width=0.125, small_input=True, num_classes=10, in_chans=1), (1, 28, 28))
+    counts = sasa.count(model, (1, 28, 28))
+    assert counts.flops == 2 * counts.macs > 0 and counts.params == sum(p.numel() for p in model.parameters())
+    assert counts.flops != conv.flops
+
+
+def test_a_mixer_that_needs_large_maps_raises_the_input_minimum():
+    """Neighbourhood windows must fit in the map. In a small-input ResNet-26 the smallest maps the
+    mixers see are at stride 4 (group 3's later blocks, group 4's only block): 4 (k - 1) + 1 px."""
+    kwargs = dict(width=0.125, heads=2, small_input=True, form="full_attention", mixer="neighborhood")
+    assert sasa.create_model("resnet26", kernel_size=3, **kwargs).min_input_size == 9
+    model = sasa.create_model("resnet26", kernel_size=7, **kwargs)
+    assert model.min_input_size == 25
+    model(torch.randn(1, 3, 25, 25))
+    with pytest.raises(ValueError, match="too small for this network: it needs at least 25x25"):
+        model(torch.randn(1, 3, 24, 24))
+
+
+def test_cli_info_counts_a_mixer(capsys):
+    assert cli(["info", "--model", "resnet50", "--form", "conv_stem_attention", "--mixer", "halo",
+                "--mixer-arg", "block_size=8", "--mixer-arg", "halo=3", "--json"]) == 0
+    halo = json.loads(capsys.readouterr().out)
+    assert halo["mixer"] == "halo" and halo["mixer_args"] == {"block_size": 8, "halo": 3}
+    assert cli(["info", "--model", "resnet50", "--form", "conv_stem_attention", "--json"]) == 0
+    sasa_counts = json.loads(capsys.readouterr().out)
+    assert halo["params"] != sasa_counts["params"] and halo["flops"] != sasa_counts["flops"] > 0
+    assert cli(["info", "--model", "resnet26", "--form", "conv_stem_attention", "--mixer", "halo", "--mixer-arg", "block=8"]) == 2
+    assert "mixer='halo' has no option 'block'" in capsys.readouterr().err
+
+
+def test_params_yaml_takes_a_mixer_per_variant_and_checks_its_options(tmp_path):
+    variants = {"conv": {"form": "conv"}, "halo": {"form": "conv_stem_attention", "mixer": "halo", "mixer_args": {"block_size": 4, "halo": 1}}}
+    write_params(tmp_path, {"models": {"variants": variants}})
+    cfg = load_config(tmp_path / "params.yaml")
+    assert cfg.models.resolved("halo").mixer_name == "halo" and cfg.fingerprint("halo") != cfg.fingerprint("conv")
+    variants["halo"]["mixer_args"] = {"block": 4}
+    write_params(tmp_path, {"models": {"variants": variants}})
+    with pytest.raises(ConfigError, match="models.variants.halo: mixer='halo' has no option 'block'"):
+        load_config(tmp_path / "params.yaml")
+    write_params(tmp_path, {"models": {"variants": {"conv": {"form": "full_attention", "mixer": "neighborhood", "kernel_size": 9}}}})
+    with pytest.raises(ConfigError, match="data.resolution=28 is too small for models.variants.conv: it needs at least 33"):
+        load_config(tmp_path / "params.yaml")
