@@ -14,7 +14,7 @@ from benchmarks import layer, model
 from benchmarks.common import positive_int, write
 
 BENCHMARKS = {
-    "layer": (layer, "SASA layer vs 3x3 convolution, forward + backward"),
+    "layer": (layer, "SASA and the other attention mixers vs a 3x3 convolution, forward + backward"),
     "model": (model, "ResNet training throughput: conv vs attention forms"),
 }
 
