@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
-from sasa.layers.sasa2d import CeilAvgPool2d
+from sasa.layers._checks import check_odd_kernel
+from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings, check_attention_layer
 
 POS_ENCODINGS = ("relative", "none")
 
@@ -31,30 +31,15 @@ class NeighborhoodAttention2d(nn.Module):
 
     def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=8, pos_enc="relative"):
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("out_channels", out_channels)
         check_odd_kernel("kernel_size", kernel_size)
-        check_positive_int("heads", heads)
-        check_choice("stride", stride, (1, 2))
-        check_choice("pos_enc", pos_enc, POS_ENCODINGS)
-        check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
-        if pos_enc == "relative":
-            check_divisible(
-                "out_channels", out_channels, 2 * heads, f"each of the {heads} heads splits its position encoding into row and column halves"
-            )
+        check_attention_layer(in_channels, out_channels, heads, stride, pos_enc, POS_ENCODINGS)
         head_dim = out_channels // heads
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.heads, self.head_dim = kernel_size, heads, head_dim
         self.min_size = kernel_size  # windows shift inside the map, so it must hold one (ResNet reads this)
         self.stride, self.pos_enc = stride, pos_enc
         self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, bias=False)
-        if pos_enc == "relative":
-            n = 2 * kernel_size - 1
-            self.rel_row = nn.Parameter(torch.randn(heads, head_dim // 2, n) * head_dim**-0.5)
-            self.rel_col = nn.Parameter(torch.randn(heads, head_dim // 2, n) * head_dim**-0.5)
-        else:
-            self.register_parameter("rel_row", None)
-            self.register_parameter("rel_col", None)
+        add_relative_embeddings(self, heads, head_dim, 2 * kernel_size - 1, pos_enc == "relative")
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
 
     def neighbour_index(self, H, W, device=None):

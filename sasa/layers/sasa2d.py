@@ -41,6 +41,32 @@ class CeilAvgPool2d(nn.Module):
         return F.avg_pool2d(F.pad(x, pad), 2, 2) / count
 
 
+def check_attention_layer(in_channels, out_channels, heads, stride, pos_enc, pos_encodings):
+    """The argument checks every multi-head attention mixer shares; position encodings split each
+    head's channels into row and column halves."""
+    check_positive_int("in_channels", in_channels)
+    check_positive_int("out_channels", out_channels)
+    check_positive_int("heads", heads)
+    check_choice("stride", stride, (1, 2))
+    check_choice("pos_enc", pos_enc, pos_encodings)
+    check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
+    if pos_enc != "none":
+        check_divisible(
+            "out_channels", out_channels, 2 * heads, f"each of the {heads} heads splits its position encoding into row and column halves"
+        )
+
+
+def add_relative_embeddings(module, heads, head_dim, n, enabled=True):
+    """``module.rel_row`` / ``rel_col``: (heads, head_dim/2, n) row and column offset embeddings
+    (or ``None`` parameters when disabled)."""
+    if enabled:
+        module.rel_row = nn.Parameter(torch.randn(heads, head_dim // 2, n) * head_dim**-0.5)
+        module.rel_col = nn.Parameter(torch.randn(heads, head_dim // 2, n) * head_dim**-0.5)
+    else:
+        module.register_parameter("rel_row", None)
+        module.register_parameter("rel_col", None)
+
+
 class SASA2d(nn.Module):
     """Multi-head local self-attention over each pixel's k x k window (Ramachandran et al., 2019).
 
@@ -56,29 +82,15 @@ class SASA2d(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel_size=7, heads=8, stride=1, pos_enc="relative", impl="fast"):
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("out_channels", out_channels)
         check_odd_kernel("kernel_size", kernel_size)
-        check_positive_int("heads", heads)
-        check_choice("stride", stride, (1, 2))
-        check_choice("pos_enc", pos_enc, POS_ENCODINGS)
         check_choice("impl", impl, tuple(LOCAL_ATTENTION_IMPLS))
-        check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
+        check_attention_layer(in_channels, out_channels, heads, stride, pos_enc, POS_ENCODINGS)
         head_dim = out_channels // heads
-        if pos_enc != "none":
-            check_divisible(
-                "out_channels", out_channels, 2 * heads, f"each of the {heads} heads splits its position encoding into row and column halves"
-            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.heads, self.head_dim = kernel_size, heads, head_dim
         self.stride, self.pos_enc, self.impl = stride, pos_enc, impl
         self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, bias=False)
-        if pos_enc == "relative":
-            self.rel_row = nn.Parameter(torch.randn(heads, head_dim // 2, kernel_size) * head_dim**-0.5)
-            self.rel_col = nn.Parameter(torch.randn(heads, head_dim // 2, kernel_size) * head_dim**-0.5)
-        else:
-            self.register_parameter("rel_row", None)
-            self.register_parameter("rel_col", None)
+        add_relative_embeddings(self, heads, head_dim, kernel_size, pos_enc == "relative")
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
 
     def forward(self, x):
