@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
-from pipeline.stage import StageError
+from pipeline import preflight
 
 
 class ArrayDataset(Dataset):
@@ -80,15 +80,10 @@ def transforms(meta, cfg: DataConfig, train: bool):
 
 
 class PreparedDataModule(pl.LightningDataModule):
-    default_folder = Path("data/prepared")
-
-    def __init__(self, cfg: DataConfig, batch_size: int, prepared: str | Path = default_folder, seed: int = 0):
+    def __init__(self, cfg: DataConfig, batch_size: int, prepared: str | Path = "data/prepared", seed: int = 0):
         super().__init__()
         self.cfg, self.batch_size, self.prepared, self.seed = cfg, batch_size, Path(prepared), seed
-        meta_path = self.prepared / "meta.json"
-        if not meta_path.is_file():
-            raise StageError(f"{meta_path} is missing: run the prepare stage first (dvc repro prepare)")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = preflight.prepared_data(self.prepared, batch_size)  # also on a sweep trial's node
 
     @property
     def num_classes(self):

@@ -114,11 +114,10 @@ def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: Path, run_id: str 
 def train(cfg: Config, variant: str) -> dict | None:
     if variant not in cfg.models.variants:
         raise ConfigError(f"--variant {variant!r} is not in models.variants; defined: {', '.join(cfg.models.variants)}")
-    preflight.prepared_data(PreparedDataModule.default_folder, cfg.train.batch_size)
+    data = PreparedDataModule(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)  # checks data/prepared first
     preflight.devices(cfg.train)
     preflight.tracking(cfg)
     pl.seed_everything(cfg.train.seed, workers=True)
-    data = PreparedDataModule(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
     arch = cfg.models.resolved(variant)
     module = Classifier(arch.model_dump(), data.num_classes, data.in_chans, cfg.train.model_dump())
     counts = sasa.count(module.model, (data.in_chans, cfg.data.resolution, cfg.data.resolution))
