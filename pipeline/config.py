@@ -112,6 +112,7 @@ class TrainConfig(_Section):
     limit_val_batches: Union[PositiveInt, float] = Field(1.0, gt=0, description="batch count, or a fraction <= 1")
     progress_bar: bool = True
     compile: bool = Field(False, description="torch.compile the model (fuses the layers around the attention op)")
+    channels_last: bool = Field(True, description="NHWC weights and activations: faster convolutions on CPUs and GPUs")
 
     @field_validator("limit_train_batches", "limit_val_batches")
     @classmethod

@@ -72,6 +72,8 @@ class Classifier(pl.LightningModule):
         self.save_hyperparameters()
         self.train_cfg = TrainConfig(**train)
         self.model = ArchConfig(**arch).build(num_classes=num_classes, in_chans=in_chans)
+        self.memory_format = torch.channels_last if self.train_cfg.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         # the compiled forward function is not a module: state-dict keys and checkpoints stay the same
         self._compiled = torch.compile(self.model.forward) if self.train_cfg.compile else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.train_cfg.label_smoothing)
@@ -81,6 +83,7 @@ class Classifier(pl.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
 
     def forward(self, x):
+        x = x.contiguous(memory_format=self.memory_format)
         return self.model(x) if self._compiled is None else self._compiled(x)
 
     def training_step(self, batch, batch_idx):

@@ -36,12 +36,15 @@ def test_layer_benchmark_writes_json_and_markdown(tmp_path):
 def test_model_benchmark_reports_throughput_against_the_conv_baseline(tmp_path):
     out = tmp_path / "model.json"
     done = _bench("model", "--forms", "conv", "full_attention", "--resolution", "16", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
-                  "--out", str(out))
+                  "--memory-formats", "contiguous", "channels_last", "--out", str(out))
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [r["form"] for r in rows] == ["conv", "full_attention"]
-    assert rows[0]["throughput_vs_baseline"] == 1.0 and rows[1]["images_per_s"] > 0
-    assert rows[1]["throughput_vs_baseline"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+    assert [(r["form"], r["memory_format"]) for r in rows] == [
+        ("conv", "contiguous"), ("full_attention", "contiguous"), ("conv", "channels_last"), ("full_attention", "channels_last")]
+    assert rows[0]["throughput_vs_baseline"] == 1.0 and all(r["images_per_s"] > 0 for r in rows)
+    for r in rows[1:]:
+        assert r["throughput_vs_baseline"] == pytest.approx(r["images_per_s"] / rows[0]["images_per_s"])
+    assert "| resnet26 | full_attention | fast | channels_last | 16 | 2 |" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,27 @@ def test_every_mixer_fills_the_resnet_skeleton_trains_and_is_counted(mixer):
     assert counts.flops != conv.flops
 
 
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_every_mixer_computes_the_same_on_channels_last_maps(mixer):
+    """The pipeline trains in NHWC (``train.channels_last``): each mixer must read such maps, and
+    its output and gradients must not depend on the layout."""
+    torch.manual_seed(0)
+    args = {"block_size": 4, "halo": 1} if mixer == "halo" else {}
+    layer = create_mixer(mixer, 16, 16, 2, {"kernel_size": 3, "heads": 2}, **args).double()
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    outputs, grads = [], []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        layer.zero_grad()
+        xi = x.clone().contiguous(memory_format=fmt).requires_grad_()
+        out = layer.to(memory_format=fmt)(xi)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+        outputs.append(out)
+        grads.append([xi.grad] + [p.grad.contiguous() for p in layer.parameters()])
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for g_last, g_contiguous in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_last, g_contiguous)
+
+
 def test_a_mixer_that_needs_large_maps_raises_the_input_minimum():
     """Neighbourhood windows must fit in the map. In a small-input ResNet-26 the smallest maps the
     mixers see are at stride 4 (group 3's later blocks, group 4's only block): 4 (k - 1) + 1 px."""
