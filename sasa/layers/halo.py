@@ -23,7 +23,9 @@ class HaloAttention2d(nn.Module):
     and outputs of padding pixels are cropped. ``pos_enc="relative"`` adds q.r with
     r = [row-offset, column-offset] embeddings indexed by the query's own offset to the key
     (2(b+h)-1 per axis), so with b=1 the layer is SASA2d with kernel_size 2h+1.
-    ``stride=2`` average-pools after the attention, as SASA2d does.
+    ``stride=2`` average-pools after the attention, as SASA2d does. The products are batched
+    matrix multiplications over (image, head, block) with each head's channels last, which is also
+    what a channels-last input already holds.
     """
 
     def __init__(self, in_channels, out_channels, stride=1, *, block_size=8, halo=3, heads=8, pos_enc="relative"):
@@ -46,29 +48,30 @@ class HaloAttention2d(nn.Module):
         w = b + 2 * h
         nH, nW = -(-H // b), -(-W // b)
         pad_h, pad_w = nH * b - H, nW * b - W
-        q, k, v = self.qkv(x).view(B, 3, heads, d, H, W).unbind(1)
+        n = B * heads * nH * nW  # one row of the batched matrix products per (image, head, block)
+        # (B, heads, nH*b + 2h, nW*b + 2h, d): zero-padded, each head's channels last
+        qkv = F.pad(self.qkv(x), (h, h + pad_w, h, h + pad_h))
+        q, k, v = qkv.view(B, 3, heads, d, nH * b + 2 * h, nW * b + 2 * h).permute(1, 0, 2, 4, 5, 3)
+        q = q[:, :, h : h + nH * b, h : h + nW * b].reshape(B, heads, nH, b, nW, b, d).transpose(3, 4).reshape(n, b * b, d)
 
-        # (B, heads, d, nH, nW, b, b): the queries of each block
-        q = F.pad(q, (0, pad_w, 0, pad_h)).view(B, heads, d, nH, b, nW, b).transpose(4, 5)
+        def windows(t):  # (n, d, w*w): each block's window (block + halo)
+            return t.unfold(2, w, b).unfold(3, w, b).reshape(n, d, w * w)
 
-        def windows(t):  # (B, heads, d, nH, nW, w*w): each block's window, zeros outside the image
-            t = F.pad(t, (h, h + pad_w, h, h + pad_h))
-            return t.unfold(3, w, b).unfold(4, w, b).reshape(B, heads, d, nH, nW, w * w)
-
-        inside = F.pad(x.new_ones(H, W), (h, h + pad_w, h, h + pad_h)).unfold(0, w, b).unfold(1, w, b)
-        inside = inside.reshape(nH, nW, 1, w * w) > 0
-        logits = torch.einsum("zhdnmq,zhdnmk->zhnmqk", q.reshape(B, heads, d, nH, nW, b * b), windows(k))
+        logits = torch.bmm(q, windows(k))  # (n, b*b queries, w*w keys)
         if self.rel_row is not None:
             # key row a of the window against query row i of the block: offset a - h - i,
             # embedding index offset + b + h - 1
             idx = torch.arange(w, device=x.device)[None, :] - torch.arange(b, device=x.device)[:, None] + b - 1
             half = d // 2
-            row = torch.einsum("zhcnmij,hcia->zhnmija", q[:, :, :half], self.rel_row[:, :, idx])
-            col = torch.einsum("zhcnmij,hcjx->zhnmijx", q[:, :, half:], self.rel_col[:, :, idx])
-            logits = logits + (row[..., :, None] + col[..., None, :]).reshape(B, heads, nH, nW, b * b, w * w)
-        attn = logits.masked_fill(~inside, float("-inf")).softmax(dim=-1)
-        out = torch.einsum("zhnmqk,zhdnmk->zhdnmq", attn, windows(v))
-        out = out.view(B, heads, d, nH, nW, b, b).transpose(4, 5).reshape(B, self.out_channels, nH * b, nW * b)
+            qb = q.view(B, heads, nH * nW, b, b, d)
+            row = torch.einsum("zhnijc,hcia->zhnija", qb[..., :half], self.rel_row[:, :, idx])
+            col = torch.einsum("zhnijc,hcjx->zhnijx", qb[..., half:], self.rel_col[:, :, idx])
+            logits = logits + (row[..., :, None] + col[..., None, :]).reshape(n, b * b, w * w)
+        inside = F.pad(x.new_ones(H, W), (h, h + pad_w, h, h + pad_h)).unfold(0, w, b).unfold(1, w, b)
+        inside = inside.reshape(1, nH * nW, 1, w * w) > 0
+        attn = logits.view(B * heads, nH * nW, b * b, w * w).masked_fill(~inside, float("-inf")).softmax(-1)
+        out = torch.bmm(windows(v), attn.view(n, b * b, w * w).transpose(1, 2))  # (n, d, b*b)
+        out = out.view(B, heads, nH, nW, d, b, b).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, heads * d, nH * b, nW * b)
         return self.pool(out[..., :H, :W])
 
     def extra_repr(self):
