@@ -59,7 +59,8 @@ def load_runs(cfg: Config) -> list[dict]:
         m = run.data.metrics
         groups = FORMS[arch.form_name]["attention_groups"] if arch.attention_groups is None else arch.attention_groups
         rows.append({
-            "variant": variant, "model": arch.model_name, "form": arch.form_name, "mixer": arch.mixer_name,
+            "variant": variant, "model": arch.model_name, "form": arch.form_name,
+            "mixer": arch.mixer_name if groups else "none", "attention_groups": " ".join(map(str, groups)),
             "kind": arch.mixer_name if groups and arch.mixer_name != "sasa" else arch.form_name,
             # exactly one of Table 1's forms
             "paper_form": arch.stem is None and arch.attention_groups is None and arch.mixer_name == "sasa",
@@ -188,6 +189,11 @@ def sweep_markdown(rows, cfg: Config) -> list[str]:
     return lines
 
 
+def _mixer_cell(row) -> str:
+    """``halo (3, 4)``: what fills the bottlenecks' 3x3 position, and in which groups."""
+    return "-" if row["mixer"] == "none" else f"{row['mixer']} ({row['attention_groups'].replace(' ', ', ')})"
+
+
 def markdown(rows, cfg: Config, sweep_rows) -> str:
     depths = [d for d in DEPTH_NAMES if any(r["model"] == d and r["paper_form"] for r in rows)]
     lines = [
@@ -220,12 +226,12 @@ def markdown(rows, cfg: Config, sweep_rows) -> str:
         "",
         "## All variants",
         "",
-        "| variant | model | form | mixer | params | MFLOPs | top-1 % | top-5 % | train images/s | MLflow run |",
+        "| variant | model | form | mixer (groups) | params | MFLOPs | top-1 % | top-5 % | train images/s | MLflow run |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["mflops"]):
         lines.append(
-            f"| {r['variant']} | {r['model']} | {r['form']} | {r['mixer']} | {r['params']:,} | {r['mflops']:.1f} | {r['top1']:.2f} | "
+            f"| {r['variant']} | {r['model']} | {r['form']} | {_mixer_cell(r)} | {r['params']:,} | {r['mflops']:.1f} | {r['top1']:.2f} | "
             f"{r['top5']:.2f} | {r['images_per_s']:.0f} | `{r['run_id']}` |"
         )
     lines += sweep_markdown(sweep_rows, cfg)

@@ -53,7 +53,8 @@ def test_repro_status_rerun_and_report(project):
     assert {r["variant"]: r["kind"] for r in rows} == {"attn": "full_attention", "bot": "bot", "conv": "conv"}  # plot markers
     md = (project / "reports" / "results.md").read_text()
     assert "| conv | ours: conv |" in md and "| | paper | 4.7 G / 13.7 M / 74.5 |" in md and "| full attention | ours: attn |" in md
-    assert "| bot | resnet26 | conv | bot |" in md and "ours: bot" not in md  # not one of the paper's forms
+    assert "| bot | resnet26 | conv | bot (4) |" in md and "ours: bot" not in md  # not one of the paper's forms
+    assert "| conv | resnet26 | conv | - |" in md and "| attn | resnet26 | full_attention | sasa (1, 2, 3, 4) |" in md
     assert "## Sweep: spatial extent and stem" in md and "| 6.6 / 18.0 / 76.4 |" in md  # k = 3 beside the paper
     for png in ("accuracy_vs_flops.png", "accuracy_vs_params.png", "sweep_accuracy_vs_flops.png"):
         assert Image.open(project / "reports" / png).size[0] > 300

@@ -121,8 +121,10 @@ def test_a_killed_trial_is_retried_from_its_last_checkpoint(workdir):
 
 def test_a_stopped_driver_marks_its_runs_killed_and_resumes_only_the_unfinished_trials(workdir):
     """SIGTERM (a scheduler's stop; Ctrl-C takes the same path). A SIGKILLed driver resumes the same
-    way, from Tune's periodically saved experiment state, but leaves its runs RUNNING."""
-    _sweep_params(workdir, space={"kernel_size": [3, 5, 7]}, scheduler={"type": "fifo"}, max_concurrent_trials=1)
+    way, from Tune's periodically saved experiment state, but leaves its runs RUNNING. The trials
+    differ in their attention mixer: mixers are swept like any other architecture key."""
+    mixers = ["sasa", "neighborhood", "san_pairwise"]
+    _sweep_params(workdir, space={"mixer": mixers}, scheduler={"type": "fifo"}, max_concurrent_trials=1)
     cmd = [sys.executable, "-m", "pipeline.sweep"]
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: len(_trial_histories(workdir)) >= 2, proc)  # one trial at a time: the first is done
@@ -141,12 +143,12 @@ def test_a_stopped_driver_marks_its_runs_killed_and_resumes_only_the_unfinished_
     assert again.returncode == 0, again.stderr[-3000:]
     assert "sweep: resuming" in again.stdout
     histories = _trial_histories(workdir)
-    assert len(histories) == 3 and len(_results(workdir)) == 3
+    assert len(histories) == 3 and sorted(r["mixer"] for r in _results(workdir)) == sorted(mixers)
     for trial_id, history in done_before.items():
         assert histories[trial_id] == history, f"finished trial {trial_id} ran again"
     assert all(history[-1]["epoch"] == 2 for history in histories.values())
     (parent,), children = _mlflow_runs(workdir)
-    assert parent.info.status == "FINISHED" and len(children) == 3
+    assert parent.info.status == "FINISHED" and sorted(c.data.params["arch/mixer"] for c in children) == sorted(mixers)
     assert all(c.info.status == "FINISHED" for c in children)
 
 
