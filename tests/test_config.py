@@ -8,7 +8,8 @@ from tests.conftest import REPO, write_params
 
 def test_the_projects_params_yaml_is_valid():
     cfg = load_config(REPO / "params.yaml")
-    assert set(cfg.models.variants) >= {"conv", "conv_stem_attention", "full_attention"}
+    assert set(cfg.models.variants) >= {"conv", "conv_stem_attention", "full_attention", "halo", "bot"}
+    assert cfg.models.resolved("halo").mixer_name == "halo" and cfg.models.resolved("bot").mixer_name == "bot"
     assert cfg.mlflow.tracking_uri.startswith("sqlite:///")
 
 
