@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from sasa.layers._checks import check_choice, check_divisible, check_positive_int
-from sasa.layers.sasa2d import CeilAvgPool2d
+from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings
 
 GLOBAL_POS_ENCODINGS = ("relative", "none")
 
@@ -63,13 +63,7 @@ class _RelativeGlobalAttention(nn.Module):
         self.heads, self.max_extent, self.pos_enc = heads, max_extent, pos_enc
         self.dk, self.dv = dk, dv
         self.qkv = nn.Conv2d(in_channels, 2 * dk + dv, 1, bias=False)
-        dk_head = dk // heads
-        if pos_enc == "relative":
-            self.rel_row = nn.Parameter(torch.randn(heads, dk_head // 2, 2 * max_extent - 1) * dk_head**-0.5)
-            self.rel_col = nn.Parameter(torch.randn(heads, dk_head // 2, 2 * max_extent - 1) * dk_head**-0.5)
-        else:
-            self.register_parameter("rel_row", None)
-            self.register_parameter("rel_col", None)
+        add_relative_embeddings(self, heads, dk // heads, 2 * max_extent - 1, pos_enc == "relative")
 
     def _attend(self, x):
         """(B, in, H, W) -> (B, dv, H, W)."""

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sasa.layers._checks import check_choice, check_divisible, check_positive_int
+from sasa.layers.sasa2d import add_relative_embeddings
 
 
 class SpatiallyAwareAttention(nn.Module):
@@ -40,12 +41,8 @@ class SpatiallyAwareAttention(nn.Module):
         self.emb_row = nn.Parameter(torch.randn(block_size, out_channels) * out_channels**-0.5)
         self.emb_col = nn.Parameter(torch.randn(block_size, out_channels) * out_channels**-0.5)
         self.mixture_logits = nn.Parameter(torch.randn(mixtures, out_channels) * out_channels**-0.5)  # nu_m
-        if pos_enc == "relative":  # offsets -(b-1) .. b-1 inside a tile
-            self.rel_row = nn.Parameter(torch.randn(heads, self.head_dim // 2, 2 * block_size - 1) * self.head_dim**-0.5)
-            self.rel_col = nn.Parameter(torch.randn(heads, self.head_dim // 2, 2 * block_size - 1) * self.head_dim**-0.5)
-        else:
-            self.register_parameter("rel_row", None)
-            self.register_parameter("rel_col", None)
+        # offsets -(b-1) .. b-1 inside a tile
+        add_relative_embeddings(self, heads, self.head_dim, 2 * block_size - 1, pos_enc == "relative")
 
     def _tiles(self, t):
         """(B, C, Hp, Wp) -> (B, nH*nW, b*b, C): one row per tile, pixels in row-major order."""
