@@ -113,6 +113,7 @@ class TrainConfig(_Section):
     progress_bar: bool = True
     compile: bool = Field(False, description="torch.compile the model (fuses the layers around the attention op)")
     channels_last: bool = Field(True, description="NHWC weights and activations: faster convolutions on CPUs and GPUs")
+    checkpoint_dir: str = Field("checkpoints", min_length=1, description="folder or fsspec URL every node shares")
 
     @field_validator("limit_train_batches", "limit_val_batches")
     @classmethod
@@ -126,9 +127,11 @@ class TrainConfig(_Section):
     def _known_strategy(cls, v):
         from lightning.pytorch.strategies import StrategyRegistry
 
-        allowed = ["auto", *StrategyRegistry.available_strategies()]
+        # the train stage agrees on resume across ranks before fit, so its processes must exist
+        # before fit: re-run by Lightning's launcher (ddp) or started by torchrun / srun
+        allowed = ["auto", *(s for s in StrategyRegistry.available_strategies() if not s.endswith(("spawn", "fork", "notebook")))]
         if v not in allowed:
-            raise ValueError(f"unknown strategy; allowed: {', '.join(allowed)}")
+            raise ValueError(f"unknown or unsupported strategy; allowed: {', '.join(allowed)}")
         return v
 
     @model_validator(mode="after")
@@ -136,6 +139,10 @@ class TrainConfig(_Section):
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"train.warmup_epochs={self.warmup_epochs} exceeds train.epochs={self.epochs}")
         return self
+
+
+# where and how visibly a run trains, not what it computes: left out of the fingerprints
+RUNTIME_TRAIN_KEYS = {"progress_bar", "checkpoint_dir"}
 
 
 class MlflowConfig(_Section):
@@ -262,7 +269,7 @@ class Config(_Section):
         """Hash of everything that determines the sweep's trials; a change starts a new sweep."""
         payload = {
             "base": self.models.resolved(self.sweep.base).model_dump(),
-            "train": self.trial_train().model_dump(exclude={"progress_bar"}),
+            "train": self.trial_train().model_dump(exclude=RUNTIME_TRAIN_KEYS),
             "data": self.data.model_dump(exclude={"num_workers"}),
             "sweep": self.sweep.model_dump(exclude={"address", "storage_path", "max_concurrent_trials", "resources", "max_failures"}),
         }
@@ -272,7 +279,7 @@ class Config(_Section):
         """Hash of everything that determines a variant's training run (not where it is tracked)."""
         payload = {
             "arch": self.models.resolved(variant).model_dump(),
-            "train": self.train.model_dump(exclude={"progress_bar"}),
+            "train": self.train.model_dump(exclude=RUNTIME_TRAIN_KEYS),
             "data": self.data.model_dump(exclude={"num_workers"}),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -14,6 +14,8 @@ from torchvision.transforms import v2
 from pipeline.config import DataConfig
 from pipeline import preflight
 
+PREPARED = Path("data/prepared")
+
 
 class ArrayDataset(Dataset):
     """uint8 NHWC arrays from an ``.npz`` split."""
@@ -80,7 +82,7 @@ def transforms(meta, cfg: DataConfig, train: bool):
 
 
 class PreparedDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, batch_size: int, prepared: str | Path = "data/prepared", seed: int = 0):
+    def __init__(self, cfg: DataConfig, batch_size: int, prepared: str | Path = PREPARED, seed: int = 0):
         super().__init__()
         self.cfg, self.batch_size, self.prepared, self.seed = cfg, batch_size, Path(prepared), seed
         self.meta = preflight.prepared_data(self.prepared, batch_size)  # also on a sweep trial's node

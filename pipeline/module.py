@@ -1,16 +1,22 @@
-"""The project's one training loop: a LightningModule over ``sasa.create_model`` and the Trainer
-that runs it, shared by the ``train`` stage and every ``sweep`` trial."""
+"""The project's one training loop: a LightningModule over ``sasa.create_model``, its data and
+counts (``build_run``) and the Trainer that runs it (``build_trainer``), shared by the ``train``
+stage and every ``sweep`` trial."""
 from __future__ import annotations
 
 import math
 import signal
+from dataclasses import dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from torchmetrics.classification import MulticlassAccuracy
 
-from pipeline.config import ArchConfig, TrainConfig
+import sasa
+from pipeline.config import ArchConfig, DataConfig, TrainConfig
+from pipeline.data import PREPARED, PreparedDataModule
 
 
 def warmup_cosine(step, warmup_steps, total_steps):
@@ -40,7 +46,10 @@ class StopOnNonFiniteLoss(pl.Callback):
 class StopAtBatchEnd(pl.Callback):
     """Ctrl-C (and SIGTERM, which the stages turn into Ctrl-C) stops training at the next batch
     boundary rather than wherever it lands: an interrupt inside an MLflow write leaves a SQLite store
-    locked. Lightning then shuts down as for Ctrl-C; a second Ctrl-C stops at once. Main thread only."""
+    locked. The decision is reduced over the ranks at every batch end, so a signal to any one rank
+    (or to each at a slightly different moment, as torchrun and SLURM deliver them) stops all of
+    them at the same step, none left waiting in a collective. Lightning then shuts down as for
+    Ctrl-C; a second Ctrl-C stops this process at once. Main thread only."""
 
     def __init__(self):
         self.requested, self.previous = False, None
@@ -50,8 +59,8 @@ class StopAtBatchEnd(pl.Callback):
             raise KeyboardInterrupt
         self.requested = True
 
-    def _stop_if_requested(self, *args):
-        if self.requested:
+    def _stop_if_requested(self, trainer, *args):
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             raise KeyboardInterrupt
 
     on_train_batch_end = on_validation_batch_end = _stop_if_requested
@@ -143,4 +152,25 @@ def build_trainer(cfg: TrainConfig, **overrides) -> pl.Trainer:
         log_every_n_steps=1,
     )
     callbacks = [StopOnNonFiniteLoss(), *overrides.pop("callbacks", [])]
+    if cfg.ema_decay:
+        callbacks.append(EMAWeightAveraging(decay=cfg.ema_decay))
     return pl.Trainer(**{**kwargs, **overrides}, callbacks=callbacks)
+
+
+@dataclass
+class Run:
+    """What one training run trains: the data, the module and the model's exact counts."""
+
+    data: PreparedDataModule
+    module: Classifier
+    counts: sasa.Counts
+
+
+def build_run(data: DataConfig, arch: ArchConfig, train: TrainConfig, prepared: str | Path = PREPARED) -> Run:
+    """Seeded the same way wherever it runs (a stage's process, each DDP rank, a Ray trial); checks
+    ``prepared`` before anything is built."""
+    pl.seed_everything(train.seed, workers=True)
+    datamodule = PreparedDataModule(data, train.batch_size, prepared, seed=train.seed)
+    module = Classifier(arch.model_dump(), datamodule.num_classes, datamodule.in_chans, train.model_dump())
+    counts = sasa.count(module.model, (datamodule.in_chans, data.resolution, data.resolution))
+    return Run(datamodule, module, counts)

@@ -14,6 +14,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
 from pipeline.config import ConfigError, load_config
 
 
@@ -83,6 +86,15 @@ def atomic_write_text(path: str | Path, text: str):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(url: str, text: str):
+    """``atomic_write_text`` for a local path; one whole-object write for an fsspec URL (``s3://``)."""
+    fs, path = url_to_fs(str(url))
+    if isinstance(fs, LocalFileSystem):
+        atomic_write_text(path, text)
+    else:
+        fs.pipe_file(path, text.encode())
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -1,51 +1,45 @@
 """Stage ``train``: train one model variant with Lightning, track it in MLflow, resume if interrupted.
 
-``python -m pipeline.train --variant NAME``. Checkpoints go to ``checkpoints/NAME/`` every epoch;
-``run.json`` there records the MLflow run and a fingerprint of the variant's configuration. A re-run
-with the same fingerprint resumes from ``last.ckpt`` into the same MLflow run; a changed
-configuration starts afresh. Each epoch's shuffling and augmentation are seeded by (seed, epoch),
-so a resumed run ends with the same weights and metrics as an uninterrupted one. Ctrl-C or SIGTERM
-marks the MLflow run KILLED, a NaN/inf loss stops training (run FAILED) before it touches the
-weights or the checkpoints. The stage writes ``metrics/NAME.json`` (what DVC tracks) last.
+``python -m pipeline.train --variant NAME``, the same command under Lightning's own launcher
+(``train.devices: N``), ``torchrun`` or SLURM's ``srun``. Checkpoints go to
+``train.checkpoint_dir/NAME/`` every epoch; ``run.json`` there records the MLflow run and a
+fingerprint of the variant's configuration. Global rank 0 alone decides, and tells the other
+ranks: a re-run with the same fingerprint resumes from ``last.ckpt`` into the same MLflow run; a
+changed configuration starts afresh. Before that, every rank must read back a token rank 0 wrote
+into the checkpoint folder, or all stop with an error naming it. Each epoch's shuffling and
+augmentation are seeded by (seed, epoch), so a resumed run ends with the same weights and metrics
+as an uninterrupted one. Ctrl-C or SIGTERM to any rank stops every rank at the same step and marks
+the MLflow run KILLED (exit 130); a NaN/inf loss stops training (run FAILED) before it touches the
+weights or the checkpoints. Only rank 0 talks to MLflow. The stage writes ``metrics/NAME.json``
+(what DVC tracks) last.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from fsspec.core import url_to_fs
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
 from mlflow.entities import Param
 
 import sasa
 from pipeline import preflight
 from pipeline.config import Config, ConfigError
-from pipeline.data import PreparedDataModule
-from pipeline.module import Classifier, NonFiniteLoss, StopAtBatchEnd, build_trainer
+from pipeline.distributed import World, wait_for_launcher
+from pipeline.module import NonFiniteLoss, StopAtBatchEnd, build_run, build_trainer
+from pipeline.runstate import RunRecord
 from pipeline.stage import StageError, atomic_write_text, run_stage
-from pipeline.tracking import experiment_id, flatten, run_in_experiment, source_tags, tracking_uri
+from pipeline.tracking import experiment_id, flatten, source_tags, tracking_uri
 
-CHECKPOINTS = Path("checkpoints")
 METRICS = Path("metrics")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file and rename it, so a kill mid-write never leaves a
-    truncated ``last.ckpt`` to resume from (Lightning writes in place)."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        tmp = f"{path}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
 
 
 class Throughput(pl.Callback):
@@ -67,67 +61,53 @@ class Throughput(pl.Callback):
         pl_module.log("train_images_per_s", rate, rank_zero_only=True)
 
 
-def _is_global_zero() -> bool:
-    """True in the process that launches training (DDP re-executes this script for other ranks)."""
-    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+def checkpoint_dir(cfg: Config, variant: str) -> str:
+    return f"{cfg.train.checkpoint_dir.rstrip('/')}/{variant}"
 
 
-def _resumable_run(cfg: Config, variant: str, ckpt_dir: Path) -> str | None:
-    """The MLflow run of an *interrupted* attempt with the same configuration, else None.
-
-    Read-only, so every rank reaches the same decision whatever order they start in. A finished
-    attempt is never resumed: DVC re-runs a stage after a code or data change, and that must train
-    afresh rather than re-report the old checkpoint.
-    """
-    state_file = ckpt_dir / "run.json"
-    if not state_file.is_file():
-        return None
-    state = json.loads(state_file.read_text())
-    if state.get("finished") or state.get("fingerprint") != cfg.fingerprint(variant):
-        return None
-    return state["run_id"]
-
-
-def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: Path, run_id: str | None, counts: sasa.Counts) -> str:
-    """Rank 0: continue the interrupted run ``run_id`` if it lives in the configured experiment,
-    otherwise discard the old checkpoints and create a run."""
+def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: str, counts: sasa.Counts) -> dict:
+    """Rank 0: continue the interrupted run of this configuration if its record and its MLflow run
+    are still there, otherwise discard the old checkpoints and create a run."""
     client = MlflowClient(tracking_uri(cfg))
     exp_id = experiment_id(client, cfg)
-    if run_id and run_in_experiment(client, run_id, exp_id):
-        client.update_run(run_id, status="RUNNING")  # it may have been marked KILLED or FAILED
-        return run_id
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    arch = cfg.models.resolved(variant)
+    record = RunRecord(f"{ckpt_dir}/run.json")
+    fs, path = url_to_fs(ckpt_dir)
     fingerprint = cfg.fingerprint(variant)
+    state = record.resumable(fingerprint, client, exp_id)
+    if state:
+        return {"run_id": state["run_id"], "resume": fs.exists(f"{path}/last.ckpt")}
+    if fs.exists(path):  # also what a SLURM requeue or an older attempt left there
+        fs.rm(path, recursive=True)
+    arch = cfg.models.resolved(variant)
     tags = {"sasa.kind": "train", "sasa.variant": variant, "dvc.stage": f"train@{variant}", "sasa.fingerprint": fingerprint}
     tags.update({"sasa.model": arch.model_name, "sasa.form": arch.form_name, "sasa.mixer": arch.mixer_name}, **source_tags())
     run = client.create_run(exp_id, run_name=variant, tags=tags)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten("data", cfg.data.model_dump()).items()])
     for name, value in counts.as_dict().items():
         client.log_metric(run.info.run_id, name, value)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(ckpt_dir / "run.json", json.dumps({"fingerprint": fingerprint, "run_id": run.info.run_id}))
-    return run.info.run_id
+    fs.makedirs(path, exist_ok=True)
+    record.write({"fingerprint": fingerprint, "run_id": run.info.run_id})
+    return {"run_id": run.info.run_id, "resume": False}
+
+
+def _cluster_plugins() -> list:
+    """Under SLURM, Lightning's auto-requeue would save ``hpc_ckpt_*.ckpt`` on SIGUSR1 and restore
+    it whenever no checkpoint is given, so a fresh attempt could continue an old one. Resume is the
+    stage's own decision (``run.json``): requeueing is the job script's (``scripts/slurm/train.sbatch``)."""
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 def train(cfg: Config, variant: str) -> dict | None:
     if variant not in cfg.models.variants:
         raise ConfigError(f"--variant {variant!r} is not in models.variants; defined: {', '.join(cfg.models.variants)}")
-    data = PreparedDataModule(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)  # checks data/prepared first
     preflight.devices(cfg.train)
-    preflight.tracking(cfg)
-    pl.seed_everything(cfg.train.seed, workers=True)
-    arch = cfg.models.resolved(variant)
-    module = Classifier(arch.model_dump(), data.num_classes, data.in_chans, cfg.train.model_dump())
-    counts = sasa.count(module.model, (data.in_chans, cfg.data.resolution, cfg.data.resolution))
-    ckpt_dir = CHECKPOINTS / variant
-    resume_id = _resumable_run(cfg, variant, ckpt_dir)
-    if _is_global_zero():
-        run_id = _start_or_resume_run(cfg, variant, ckpt_dir, resume_id, counts)
-        resume = run_id == resume_id
-    else:  # other ranks log nothing; they follow the same read-only resume decision
-        run_id, resume = None, resume_id is not None
+    run = build_run(cfg.data, cfg.models.resolved(variant), cfg.train)  # checks data/prepared first
+    world = World.launch(cfg.train)
+    world.on_zero(lambda: preflight.tracking(cfg))  # the other nodes may have no route to the tracking server
+    ckpt_dir = checkpoint_dir(cfg, variant)
+    world.check_shared(ckpt_dir, key="train.checkpoint_dir")
+    decision = world.on_zero(lambda: _start_or_resume_run(cfg, variant, ckpt_dir, run.counts))
+    run_id = decision["run_id"]
 
     throughput = Throughput()
     callbacks = [
@@ -135,32 +115,29 @@ def train(cfg: Config, variant: str) -> dict | None:
         throughput,
         StopAtBatchEnd(),
     ]
-    if cfg.train.ema_decay:
-        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
-    trainer = build_trainer(
-        cfg.train,
-        logger=MLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id),
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-    )
-    last = ckpt_dir / "last.ckpt"
+    logger = MLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id) if world.is_zero else False
+    trainer = build_trainer(cfg.train, logger=logger, callbacks=callbacks, default_root_dir=ckpt_dir, plugins=_cluster_plugins())
+    last = f"{ckpt_dir}/last.ckpt"
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=last if resume and last.is_file() else None, weights_only=True)
+        trainer.fit(run.module, datamodule=run.data, ckpt_path=last if decision["resume"] else None, weights_only=True)
     except NonFiniteLoss as err:  # Lightning has marked the run FAILED
         raise StageError(f"{err}. Training stopped before that step; {_describe(last)}. Lower train.lr or check the data.") from None
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C (and so SIGTERM) into SystemExit
-        if trainer.is_global_zero:
+        if world.is_zero:
             MlflowClient(tracking_uri(cfg)).set_terminated(run_id, "KILLED")
+        world.barrier()  # every rank stopped at the same step; none leaves before the run is marked
         raise KeyboardInterrupt from None
-    if not trainer.is_global_zero:
+    if not world.is_zero:
         return None
-    return _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir)
+    return _finish(cfg, variant, run_id, trainer, throughput, run.counts, ckpt_dir)
 
 
-def _describe(last: Path) -> str:
-    if not last.is_file():
+def _describe(last: str) -> str:
+    fs, path = url_to_fs(last)
+    if not fs.exists(path):
         return "no checkpoint had been written yet"
-    epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    with fs.open(path, "rb") as f:
+        epoch = torch.load(f, map_location="cpu", weights_only=True)["epoch"]
     return f"the last good checkpoint, {last} (end of epoch {epoch}), is intact"
 
 
@@ -173,24 +150,30 @@ def _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir):
     results = {"top1": final["val_top1"], "top5": final["val_top5"], "throughput_images_per_s": rate}
     for name, value in results.items():
         client.log_metric(run_id, name, value)
-    best = ckpt_dir / "best.ckpt"
-    if best.is_file():
-        client.log_artifact(run_id, str(best), artifact_path="checkpoints")
+    fs, best = url_to_fs(f"{ckpt_dir}/best.ckpt")
+    if fs.exists(best):
+        with tempfile.TemporaryDirectory() as tmp:  # MLflow uploads local files
+            fs.get(best, f"{tmp}/best.ckpt")
+            client.log_artifact(run_id, f"{tmp}/best.ckpt", artifact_path="checkpoints")
     summary = {"variant": variant, "run_id": run_id, **results, **counts.as_dict(), "epochs": trainer.current_epoch}
     atomic_write_text(METRICS / f"{variant}.json", json.dumps(summary, indent=2))
-    state_file = ckpt_dir / "run.json"
-    atomic_write_text(state_file, json.dumps({**json.loads(state_file.read_text()), "finished": True}))
+    RunRecord(f"{ckpt_dir}/run.json").finish()
     print(f"{variant}: top-1 {results['top1']:.4f}, {counts.flops / 1e6:.1f} MFLOPs, {counts.params / 1e6:.3f} M params")
     return summary
 
 
 def main(argv=None):
-    run_stage(
-        __doc__.splitlines()[0],
-        lambda cfg, args: train(cfg, args.variant),
-        add_arguments=lambda p: p.add_argument("--variant", required=True, help="a key of models.variants"),
-        argv=argv,
-    )
+    try:
+        run_stage(
+            __doc__.splitlines()[0],
+            lambda cfg, args: train(cfg, args.variant),
+            add_arguments=lambda p: p.add_argument("--variant", required=True, help="a key of models.variants"),
+            argv=argv,
+        )
+    except SystemExit as stop:
+        if stop.code:
+            wait_for_launcher()
+        raise
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import mlflow
 import pytest
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from tests.conftest import TINY, run_module, write_params
 
@@ -142,7 +143,7 @@ def test_a_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good
     monkeypatch.setattr(train, "build_trainer", lambda cfg, **kw: real_build(cfg, **{**kw, "callbacks": [*kw["callbacks"], _NanAtSecondEpoch()]}))
     last = workdir / "checkpoints" / "conv" / "last.ckpt"
     saved = {}
-    monkeypatch.setattr(train.AtomicCheckpointIO, "save_checkpoint", _recording(train.AtomicCheckpointIO.save_checkpoint, saved))
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", _recording(TorchCheckpointIO.save_checkpoint, saved))
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--variant", "conv"])
     err = capsys.readouterr().err

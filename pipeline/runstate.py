@@ -1,0 +1,55 @@
+"""The record that ties a stage's resumable state to its MLflow run, shared by the train stage
+(``CHECKPOINT_DIR/VARIANT/run.json``) and the sweep (``sweep/state.json``).
+
+A record holds the configuration's fingerprint, the MLflow run id and, once the stage has
+written its outputs, ``finished``. A stage resumes only an *unfinished* record of the same
+configuration whose run still exists: DVC re-runs a finished stage after a code or data change,
+and that must start afresh rather than re-report old state. Records may live on a shared
+filesystem or behind an fsspec URL (``s3://...``), like the checkpoints beside them.
+"""
+from __future__ import annotations
+
+import json
+
+from fsspec.core import url_to_fs
+from mlflow import MlflowClient
+
+from pipeline.stage import StageError, write_text
+from pipeline.tracking import run_in_experiment
+
+
+class RunRecord:
+    def __init__(self, path: str):
+        self.path = str(path)
+
+    def read(self) -> dict | None:
+        """The record, or None where there is none; a damaged one is an error naming the fix."""
+        fs, path = url_to_fs(self.path)
+        if not fs.exists(path):
+            return None
+        try:
+            state = json.loads(fs.cat_file(path))
+            if not isinstance(state, dict) or not isinstance(state.get("run_id"), str):
+                raise ValueError("expected an object with a run_id")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise StageError(
+                f"{self.path} is damaged ({err}); delete it to start this stage afresh (its MLflow run is kept)"
+            ) from None
+        return state
+
+    def resumable(self, fingerprint: str, client: MlflowClient, experiment_id: str) -> dict | None:
+        """An interrupted attempt of this configuration whose run is still in the experiment, with
+        that run set back to RUNNING (it may have been marked KILLED or FAILED); else None."""
+        state = self.read()
+        if not state or state.get("finished") or state.get("fingerprint") != fingerprint:
+            return None
+        if not run_in_experiment(client, state["run_id"], experiment_id):
+            return None
+        client.update_run(state["run_id"], status="RUNNING")
+        return state
+
+    def write(self, state: dict):
+        write_text(self.path, json.dumps(state))
+
+    def finish(self):
+        self.write({**self.read(), "finished": True})
