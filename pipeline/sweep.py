@@ -1,12 +1,16 @@
 """Stage ``sweep``: a Ray Tune search over the spatial extent, the stem, ... of one variant.
 
 ``python -m pipeline.sweep``. Joins the Ray cluster at ``RAY_ADDRESS`` / ``sweep.address`` or starts
-a local runtime. Every trial runs the train stage's ``Classifier`` and ``PreparedDataModule`` in a
+a local runtime. On a cluster the project's code travels to every node as the job's Ray
+``runtime_env`` working directory and ``data/prepared`` through Ray's object store, so trials
+depend on no path of the head node; what must be shared (a local ``sweep.storage_path``, an image
+folder's files) is checked from every node before any trial starts. Every trial runs the train stage's ``Classifier`` and ``PreparedDataModule`` in a
 Lightning Trainer, reports each epoch to Tune (ASHA may stop it there) with a checkpoint, so a failed
 trial is retried from its last epoch. The driver logs each trial as an MLflow run nested under one
 parent run per sweep: trials never touch the tracking store, so a SQLite file on the head node
 serves a whole cluster. A re-run after the driver died restores the Tune experiment and runs only
-the unfinished trials; Ctrl-C or SIGTERM stops it gracefully and marks its MLflow runs KILLED.
+the unfinished trials; Ctrl-C or SIGTERM stops it gracefully and marks its MLflow runs KILLED
+(found in MLflow, so also those a restored sweep reopened).
 ``sweep/results.csv`` (one row per trial) is written last.
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,20 +30,24 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sasa
 from pipeline import preflight
 from pipeline.config import ARCH_KEYS, Config, ConfigError, SweepConfig
-from pipeline.data import PreparedDataModule
-from pipeline.module import Classifier, build_trainer
+from pipeline.data import PREPARED
+from pipeline.module import build_run, build_trainer
+from pipeline.runstate import RunRecord
 from pipeline.stage import StageError, atomic_write_text, csv_text, run_stage, sigterm_as_ctrl_c
-from pipeline.tracking import experiment_id, flatten, run_in_experiment, source_tags, tracking_uri
+from pipeline.tracking import experiment_id, flatten, source_tags, tracking_uri
 
 SWEEP = Path("sweep")
 STATE = SWEEP / "state.json"
 RESULTS = SWEEP / "results.csv"
-PREPARED = Path("data/prepared")
 CHECKPOINT = "last.ckpt"
+NODE_CHECK_TIMEOUT_S = 120  # a node's first task unpacks the project and starts a worker
+# Not shipped to the workers with the project (Ray also leaves out what .gitignore lists).
+RUNTIME_ENV_EXCLUDES = [".git", ".dvc/cache", ".dvc/tmp"]
 # What a trial reports each epoch and the driver logs to the trial's MLflow run.
 TRIAL_METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_top1", "params", "macs", "flops")
 
@@ -84,27 +93,33 @@ class ReportEachEpoch(pl.Callback):
             self.session.report(metrics, checkpoint=checkpoint)
 
 
-def fit_trial(config: dict, cfg: Config, prepared: str, session, **placement):
+def pack_prepared() -> dict[str, bytes]:
+    """``data/prepared`` as bytes, for Ray's object store: a trial on a node without the head's disk
+    still reads it. An image folder's images stay where ``meta.json``'s root says (shared storage)."""
+    return {path.name: path.read_bytes() for path in PREPARED.iterdir() if path.is_file()}
+
+
+def fit_trial(config: dict, cfg: Config, prepared: dict[str, bytes], session, **placement):
     """The train stage's module and data in a Trainer placed by ``placement``, resumed from the
     trial's latest checkpoint in ``session`` (``ray.tune`` or ``ray.train``) when there is one."""
     arch, train = split_trial_config(cfg, config)
-    pl.seed_everything(train.seed, workers=True)
-    data = PreparedDataModule(cfg.data, train.batch_size, prepared, seed=train.seed)
-    module = Classifier(arch.model_dump(), data.num_classes, data.in_chans, train.model_dump())
-    counts = sasa.count(module.model, (data.in_chans, cfg.data.resolution, cfg.data.resolution))
-    trainer = build_trainer(
-        train, accelerator="gpu" if cfg.sweep.resources.gpu else "cpu", logger=False, enable_checkpointing=False,
-        callbacks=[ReportEachEpoch(counts, session)], **placement,
-    )
-    checkpoint = session.get_checkpoint()
-    if checkpoint is None:
-        trainer.fit(module, datamodule=data)
-        return
-    with checkpoint.as_directory() as folder:
-        trainer.fit(module, datamodule=data, ckpt_path=os.path.join(folder, CHECKPOINT), weights_only=True)
+    with tempfile.TemporaryDirectory(prefix="sasa-prepared-") as folder:
+        for name, data in prepared.items():
+            Path(folder, name).write_bytes(data)
+        run = build_run(cfg.data, arch, train, folder)
+        trainer = build_trainer(
+            train, accelerator="gpu" if cfg.sweep.resources.gpu else "cpu", logger=False, enable_checkpointing=False,
+            callbacks=[ReportEachEpoch(run.counts, session)], **placement,
+        )
+        checkpoint = session.get_checkpoint()
+        if checkpoint is None:
+            trainer.fit(run.module, datamodule=run.data)
+            return
+        with checkpoint.as_directory() as ckpt_folder:
+            trainer.fit(run.module, datamodule=run.data, ckpt_path=os.path.join(ckpt_folder, CHECKPOINT), weights_only=True)
 
 
-def run_trial(config: dict, cfg: Config, prepared: str):
+def run_trial(config: dict, cfg: Config, prepared: dict[str, bytes]):
     """A trial in one process (``resources.workers == 1``)."""
     fit_trial(config, cfg, prepared, tune, devices=1, num_nodes=1, strategy="auto")
 
@@ -113,12 +128,12 @@ def _ddp_worker(loop_config: dict):
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 
     fit_trial(
-        loop_config["trial"], loop_config["cfg"], loop_config["prepared"], ray.train,
+        loop_config["trial"], loop_config["cfg"], ray.get(loop_config["prepared"]), ray.train,
         devices="auto", num_nodes=1, strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()],
     )
 
 
-def run_ddp_trial(config: dict, cfg: Config, prepared: str, storage: str):
+def run_ddp_trial(config: dict, cfg: Config, prepared: dict[str, bytes], storage: str):
     """A trial that is a DDP job of ``resources.workers`` Ray Train workers; this function only drives
     it. A retried trial starts a Train run of the same name, which resumes from its last checkpoint."""
     from ray.train.torch import TorchTrainer
@@ -127,7 +142,7 @@ def run_ddp_trial(config: dict, cfg: Config, prepared: str, storage: str):
     res = cfg.sweep.resources
     trainer = TorchTrainer(
         _ddp_worker,
-        train_loop_config={"trial": config, "cfg": cfg, "prepared": prepared},
+        train_loop_config={"trial": config, "cfg": cfg, "prepared": ray.put(prepared)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers, use_gpu=res.gpu > 0, resources_per_worker={"CPU": res.cpu, "GPU": res.gpu}
         ),
@@ -152,7 +167,7 @@ class MlflowTrials(tune.Callback):
 
     def __init__(self, cfg: Config, experiment_id: str, parent_id: str):
         self.cfg, self.experiment_id, self.parent_id = cfg, experiment_id, parent_id
-        self.runs, self.open = {}, set()
+        self.runs = {}
 
     @property
     def client(self):
@@ -188,7 +203,6 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.client.update_run(self.run_id(trial), status="RUNNING")  # a restored trial's run may be KILLED
-        self.open.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         now, step = int(time.time() * 1000), int(result["epoch"])
@@ -197,36 +211,28 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.client.set_terminated(self.run_id(trial), "FINISHED")
-        self.open.discard(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.client.set_terminated(self.run_id(trial), "FAILED")
-        self.open.discard(trial.trial_id)
 
-    def kill_open_runs(self):
-        """After an interruption: the runs of trials that were still going are KILLED, not RUNNING."""
-        for trial_id in self.open:
-            self.client.set_terminated(self.runs[trial_id], "KILLED")
-        self.open.clear()
+
+def kill_open_runs(client: MlflowClient, experiment_id: str, parent_id: str):
+    """After an interruption the sweep's runs still going are KILLED, not RUNNING. Looked up in MLflow:
+    a restored sweep runs the callback pickled in Tune's state, not this process's instance."""
+    still_running = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'",
+        max_results=10_000,
+    )
+    for run in still_running:
+        client.set_terminated(run.info.run_id, "KILLED")
+    client.set_terminated(parent_id, "KILLED")
 
 
 def _storage_path(cfg: Config) -> str:
     """Tune needs an absolute path or a URI; relative paths are under the project folder."""
     path = cfg.sweep.storage_path
     return path if "://" in path else str(Path(path).resolve())
-
-
-def _resumable_sweep(cfg: Config, client: MlflowClient, exp_id: str) -> dict | None:
-    """The state of an interrupted sweep with the same configuration whose parent run still exists."""
-    if not STATE.is_file():
-        return None
-    state = json.loads(STATE.read_text())
-    if state.get("finished") or state.get("fingerprint") != cfg.sweep_fingerprint():
-        return None
-    if not run_in_experiment(client, state["parent_run_id"], exp_id):
-        return None
-    client.update_run(state["parent_run_id"], status="RUNNING")  # it was marked KILLED when interrupted
-    return state
 
 
 def _start_parent_run(cfg: Config, client: MlflowClient, exp_id: str) -> dict:
@@ -238,30 +244,37 @@ def _start_parent_run(cfg: Config, client: MlflowClient, exp_id: str) -> dict:
     params.update(flatten("scheduler", cfg.sweep.scheduler.model_dump()))
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     state = {
-        "fingerprint": cfg.sweep_fingerprint(), "parent_run_id": run.info.run_id,
+        "fingerprint": cfg.sweep_fingerprint(), "run_id": run.info.run_id,
         "experiment": f"{cfg.sweep.name}-{run.info.run_id[:8]}",  # a new sweep never restores an old one
     }
-    atomic_write_text(STATE, json.dumps(state))
+    RunRecord(STATE).write(state)
     return state
 
 
-def _connect(cfg: Config):
+def _connect(cfg: Config) -> str | None:
+    """Join the cluster (shipping the project's code to its nodes) or start a local runtime."""
     # Checkpointing every epoch of short trials is what this sweep is meant to do; Tune warns about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = os.environ.get("RAY_ADDRESS") or cfg.sweep.address
     if address:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        runtime_env = {"working_dir": str(Path.cwd()), "excludes": RUNTIME_ENV_EXCLUDES}
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, runtime_env=runtime_env)
     else:  # the dashboard of a runtime this stage starts is for this machine only
         ray.init(address="local", ignore_reinit_error=True, log_to_driver=False, dashboard_host="127.0.0.1")
     sigterm_as_ctrl_c()
     where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
     print(f"sweep: {where}, {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)")
+    return address
+
+
+def _alive_nodes() -> list[dict]:
+    return [n for n in ray.nodes() if n["Alive"]]
 
 
 def _check_resources(cfg: Config):
     """A trial that no node can hold would wait forever: refuse it before any trial starts."""
     res = cfg.sweep.resources
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    nodes = [n["Resources"] for n in _alive_nodes()]
     for key, per_worker in (("cpu", res.cpu), ("gpu", res.gpu)):
         largest = max((n.get(key.upper(), 0) for n in nodes), default=0)
         if per_worker > largest:
@@ -271,8 +284,60 @@ def _check_resources(cfg: Config):
             raise ConfigError(f"sweep.resources: {res.workers} workers x {per_worker} {key.upper()} exceed the cluster's {total:g}")
 
 
+@ray.remote(num_cpus=0)
+def _unreadable(files: dict[str, tuple[str, str | None]]) -> list[str]:
+    """On one node: the keys of ``files`` (key -> (path, expected text, or None for any folder))
+    this node cannot read as expected."""
+    bad = []
+    for key, (path, text) in files.items():
+        try:
+            ok = Path(path).is_dir() if text is None else Path(path).read_text() == text
+        except OSError:
+            ok = False
+        if not ok:
+            bad.append(key)
+    return bad
+
+
+def _check_shared_paths(cfg: Config, meta: dict):
+    """On a cluster every node must see what the trials share by path: a local ``sweep.storage_path``
+    (Tune's checkpoints) and an image folder's files. Asked of each node before any trial starts."""
+    nodes, storage = _alive_nodes(), cfg.sweep.storage_path
+    if "://" not in storage and not Path(storage).is_absolute() and len(nodes) > 1:
+        raise ConfigError(
+            f"sweep.storage_path={storage!r} is a folder of the head node's project, which the other {len(nodes) - 1} "
+            f"node(s) of this cluster cannot see: set it to a folder every node mounts at the same absolute path "
+            f"(e.g. /shared/sweeps on NFS) or to a URI (s3://BUCKET/sweeps, gs://BUCKET/sweeps)"
+        )
+    files, token_file = {}, None
+    if "://" not in storage:
+        token_file = Path(_storage_path(cfg), f".shared-check-{uuid.uuid4().hex}")
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(token_file.name)
+        files["sweep.storage_path"] = (str(token_file), token_file.name)
+    if meta["format"] == "files":
+        files["data.path"] = (meta["root"], None)
+    try:
+        checks = {
+            n["NodeManagerAddress"]: _unreadable.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(files)
+            for n in nodes
+        }
+        answers = dict(zip(checks, ray.get(list(checks.values()), timeout=NODE_CHECK_TIMEOUT_S)))
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(f"sweep: not every Ray node answered within {NODE_CHECK_TIMEOUT_S} s; check `ray status`") from None
+    finally:
+        if token_file:
+            token_file.unlink(missing_ok=True)
+    blind = {key: [node for node, bad in answers.items() if key in bad] for key in files}
+    problems = [f"{key}: {files[key][0] if key == 'data.path' else storage} cannot be read on node(s) {', '.join(nodes_)}"
+                for key, nodes_ in blind.items() if nodes_]
+    if problems:
+        raise ConfigError("; ".join(problems) + ". Every node must mount these at the same absolute path (shared storage such as NFS)"
+                          "; sweep.storage_path may also be a URI (s3://, gs://)")
+
+
 def _trainable(cfg: Config, path: str):
-    res, prepared = cfg.sweep.resources, str(PREPARED.resolve())
+    res, prepared = cfg.sweep.resources, pack_prepared()  # with_parameters keeps it in the object store
     if res.workers > 1:  # the Train workers hold the resources; the function driving them next to none
         trial = tune.with_parameters(run_ddp_trial, cfg=cfg, prepared=prepared, storage=f"{path}/train")
         return tune.with_resources(trial, {"cpu": 0.01})
@@ -331,23 +396,25 @@ def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
 
 def sweep(cfg: Config):
     batch_sizes = cfg.sweep.discrete_values("batch_size") if "batch_size" in cfg.sweep.space else [cfg.trial_train().batch_size]
-    preflight.prepared_data(PREPARED, max(batch_sizes), key="sweep: a trial's batch_size")
+    meta = preflight.prepared_data(PREPARED, max(batch_sizes), key="sweep: a trial's batch_size")
     preflight.tracking(cfg)
     started = time.perf_counter()
-    _connect(cfg)
+    address = _connect(cfg)
     try:
         _check_resources(cfg)
+        if address:
+            _check_shared_paths(cfg, meta)
         client = MlflowClient(tracking_uri(cfg))
         exp_id = experiment_id(client, cfg)
-        state = _resumable_sweep(cfg, client, exp_id) or _start_parent_run(cfg, client, exp_id)
-        callback = MlflowTrials(cfg, exp_id, state["parent_run_id"])
+        state = RunRecord(STATE).resumable(cfg.sweep_fingerprint(), client, exp_id) or _start_parent_run(cfg, client, exp_id)
+        parent = state["run_id"]
+        callback = MlflowTrials(cfg, exp_id, parent)
         results = _tuner(cfg, state, callback).fit()
     finally:
         ray.shutdown()
     unfinished = cfg.sweep.trial_count() - results.num_terminated - results.num_errors
     if unfinished:  # Tune stops gracefully on Ctrl-C (and SIGTERM, see run_stage) and keeps the experiment's state
-        callback.kill_open_runs()
-        client.set_terminated(state["parent_run_id"], "KILLED")
+        kill_open_runs(client, exp_id, parent)
         print(f"sweep: interrupted with {unfinished} trial(s) unfinished", file=sys.stderr)
         raise KeyboardInterrupt
     failed = [r for r in results if r.error]
@@ -357,14 +424,13 @@ def sweep(cfg: Config):
                          f"logs under {_storage_path(cfg)}/{state['experiment']}. Re-run the stage to retry them.")
     rows = result_rows(cfg, results, callback)
     best = max(rows, key=lambda r: r["best_top1"])
-    parent = state["parent_run_id"]
     client.log_metric(parent, "best_top1", best["best_top1"] / 100)
     client.log_metric(parent, "trials", len(rows))
     client.log_metric(parent, "wall_s", time.perf_counter() - started)
     client.log_text(parent, csv_text(rows), "results.csv")
     atomic_write_text(RESULTS, csv_text(rows))
     client.set_terminated(parent, "FINISHED")
-    atomic_write_text(STATE, json.dumps({**state, "finished": True}))
+    RunRecord(STATE).finish()
     print(f"sweep: {len(rows)} trials; best top-1 {best['best_top1']:.2f}% ({ {k: best[k] for k in cfg.sweep.space} }); wrote {RESULTS}")
 
 
