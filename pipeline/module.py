@@ -68,6 +68,14 @@ class StopAtBatchEnd(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         self.previous = signal.signal(signal.SIGINT, self._request)
 
+    def _take_sigterm(self, *args):
+        """Lightning registers a SIGTERM handler of its own just before the loops run; on a DDP rank it
+        broadcasts from inside the handler, on the signalled rank alone, and the run hangs. Replaced
+        here (Lightning restores the stage's handler at teardown)."""
+        signal.signal(signal.SIGTERM, self._request)
+
+    on_sanity_check_start = on_train_start = _take_sigterm
+
     def _restore(self, *args):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)

@@ -108,6 +108,9 @@ def train(cfg: Config, variant: str) -> dict | None:
     world.check_shared(ckpt_dir, key="train.checkpoint_dir")
     decision = world.on_zero(lambda: _start_or_resume_run(cfg, variant, ckpt_dir, run.counts))
     run_id = decision["run_id"]
+    last = f"{ckpt_dir}/last.ckpt"
+    action = f"resuming from {last}" if decision["resume"] else "starting afresh"
+    print(f"train@{variant}: rank {world.rank} of {world.size}, MLflow run {run_id}: {action}", flush=True)
 
     throughput = Throughput()
     callbacks = [
@@ -117,7 +120,6 @@ def train(cfg: Config, variant: str) -> dict | None:
     ]
     logger = MLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id) if world.is_zero else False
     trainer = build_trainer(cfg.train, logger=logger, callbacks=callbacks, default_root_dir=ckpt_dir, plugins=_cluster_plugins())
-    last = f"{ckpt_dir}/last.ckpt"
     try:
         trainer.fit(run.module, datamodule=run.data, ckpt_path=last if decision["resume"] else None, weights_only=True)
     except NonFiniteLoss as err:  # Lightning has marked the run FAILED

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
 
 TINY = {
     "data": {"source": "mnist5k", "num_workers": 0, "hflip": False},
@@ -63,3 +64,30 @@ def workdir(tmp_path, prepared_mnist, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+def run_in_project(*cmd, cwd, timeout=900):
+    """A command as ``make run`` runs it: the environment's executables first on PATH (stage commands
+    call ``python``), no tracking URI from outside."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = BIN + os.pathsep + env["PATH"]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def dvc_project(tmp_path):
+    """A git + DVC repository with the project's code and pipeline and the tiny params.yaml, as a
+    user's clone is (in its own folder below tmp_path)."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, folder / name)
+    for pkg in ("sasa", "pipeline"):
+        shutil.copytree(REPO / pkg, folder / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(folder)
+    (folder / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        proc = run_in_project(*cmd, cwd=folder)
+        assert proc.returncode == 0, proc.stderr
+    return folder

@@ -1,46 +1,30 @@
 """The whole pipeline through real DVC: repro, caching, per-variant re-runs, report from MLflow."""
 import csv
-import os
-import shutil
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO, write_params
+from tests.conftest import run_in_project, write_params
 
 pytestmark = pytest.mark.slow
-BIN = str(Path(sys.executable).parent)
 
 
 def _sh(*cmd, cwd, check=True):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = BIN + os.pathsep + env["PATH"]  # stage commands call `python`, as `make run` arranges
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    proc = run_in_project(*cmd, cwd=cwd)
     if check:
         assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
 @pytest.fixture
-def project(tmp_path):
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, tmp_path / name)
-    for pkg in ("sasa", "pipeline"):
-        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+def project(dvc_project):
     variants = {"conv": {"form": "conv"}, "attn": {"form": "full_attention"}, "bot": {"form": "conv", "attention_groups": [4], "mixer": "bot"}}
-    write_params(tmp_path, {"models": {"variants": variants}, "train": {"epochs": 1}})
-    (tmp_path / ".gitignore").write_text("mlflow.db\nmlruns/\n")
-    _sh("git", "init", "-q", cwd=tmp_path)
-    _sh("dvc", "init", "-q", cwd=tmp_path)
-    _sh("git", "add", "-A", cwd=tmp_path)
-    _sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=tmp_path)
-    return tmp_path
+    write_params(dvc_project, {"models": {"variants": variants}, "train": {"epochs": 1}})
+    return dvc_project
 
 
 def test_repro_status_rerun_and_report(project):

@@ -1,4 +1,5 @@
-"""The sweep stage against real Ray runtimes: a two-node local cluster, a killed trial, a killed driver."""
+"""The sweep stage against a real local Ray runtime: a killed trial, a stopped driver (twice), DDP trials.
+A cluster of `ray start` nodes is in test_cluster.py."""
 import csv
 import json
 import signal
@@ -9,7 +10,6 @@ import time
 import mlflow
 import psutil
 import pytest
-from ray.cluster_utils import Cluster
 
 from tests.conftest import run_module, write_params
 
@@ -56,44 +56,6 @@ def _wait_for(condition, proc, timeout=300):
         time.sleep(0.2)
 
 
-@pytest.fixture
-def cluster():
-    """Two real Ray nodes with one CPU each, on this machine."""
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    yield c
-    c.shutdown()
-
-
-def test_sweep_on_a_two_node_cluster_spreads_trials_and_nests_mlflow_runs(workdir, cluster):
-    _sweep_params(workdir)
-    proc = run_module("pipeline.sweep", cwd=workdir, env={"RAY_ADDRESS": cluster.address})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 node(s)" in proc.stdout
-
-    rows = _results(workdir)
-    assert sorted((int(r["kernel_size"]), r["stem"]) for r in rows) == [(3, "attention"), (3, "conv"), (5, "attention"), (5, "conv")]
-    assert len({r["node_id"] for r in rows}) == 2, "every trial ran on the same node"
-    for r in rows:
-        assert int(r["params"]) > 0 and float(r["mflops"]) > 0 and 0 <= float(r["best_top1"]) <= 100
-        assert 1 <= int(r["epochs"]) <= 2
-    # attention stems and larger windows cost more FLOPs; params do not depend on k
-    by = {(int(r["kernel_size"]), r["stem"]): r for r in rows}
-    assert float(by[5, "conv"]["mflops"]) > float(by[3, "conv"]["mflops"])
-    assert int(by[5, "conv"]["params"]) - int(by[3, "conv"]["params"]) < 0.01 * int(by[3, "conv"]["params"])
-
-    (parent,), children = _mlflow_runs(workdir)
-    assert parent.info.status == "FINISHED" and parent.data.params["sweep/base"] == "attn"
-    assert len(children) == 4
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in rows}
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert child.data.metrics["flops"] > 0 and child.data.metrics["params"] > 0 and "val_top1" in child.data.metrics
-        assert child.data.params["arch/stem"] in ("conv", "attention") and child.data.params["train/epochs"] == "2"
-
-
 def _trial_workers():
     return [p for p in psutil.process_iter(["cmdline"]) if any("ImplicitFunc" in part for part in p.info["cmdline"] or [])]
 
@@ -138,6 +100,15 @@ def test_a_stopped_driver_marks_its_runs_killed_and_resumes_only_the_unfinished_
     assert parent.info.status == "KILLED"
     statuses = [c.info.status for c in children]
     assert statuses.count("FINISHED") == len(done_before) and set(statuses) == {"FINISHED", "KILLED"}
+
+    # restored from Tune's state, then stopped again while a trial runs: its callback is the pickled one
+    restored = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(c.info.status == "RUNNING" for c in _mlflow_runs(workdir)[1]), restored)
+    restored.send_signal(signal.SIGTERM)
+    out, err = restored.communicate(timeout=120)
+    assert restored.returncode == 130 and "sweep: resuming" in out, err[-3000:]
+    (parent,), children = _mlflow_runs(workdir)
+    assert parent.info.status == "KILLED" and "RUNNING" not in {c.info.status for c in children}
 
     again = run_module("pipeline.sweep", cwd=workdir)
     assert again.returncode == 0, again.stderr[-3000:]
