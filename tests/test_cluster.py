@@ -20,7 +20,7 @@ import mlflow
 import psutil
 import pytest
 
-from tests.conftest import write_params
+from tests.conftest import REPO, write_params
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -109,11 +109,13 @@ def mlflow_runs(folder):
 
 
 def torchrun_nodes(launched, folders, port):
-    return [
-        launched.start([BIN / "torchrun", "--nnodes", len(folders), "--nproc-per-node", 1, "--node-rank", rank,
-                        "--master-addr", "127.0.0.1", "--master-port", port, *TRAIN], cwd=folder)
-        for rank, folder in enumerate(folders)
-    ]
+    """The README's recipe, ``scripts/cluster/torchrun_train.sh``, on every node."""
+    env = {"NNODES": str(len(folders)), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "VARIANT": "conv", "PYTHON_BIN": str(BIN)}
+    procs = []
+    for rank, folder in enumerate(folders):
+        shutil.copytree(REPO / "scripts", folder / "scripts", dirs_exist_ok=True)
+        procs.append(launched.start([folder / "scripts" / "cluster" / "torchrun_train.sh"], cwd=folder, env={**env, "NODE_RANK": str(rank)}))
+    return procs
 
 
 def test_torchrun_nodes_with_their_own_checkpoint_folders_stop_at_once_naming_it(tmp_path, prepared_mnist, launched):

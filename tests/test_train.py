@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import lightning.pytorch as pl
 import mlflow
 import pytest
@@ -167,6 +168,23 @@ def _recording(save, saved):
             saved["last"] = Path(path).read_bytes()
 
     return wrapper
+
+
+def test_checkpoints_behind_an_fsspec_url(workdir):
+    """train.checkpoint_dir may be a URL (s3://, gs://, ...): here fsspec's in-memory filesystem,
+    within one process."""
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    write_params(workdir, {"train": {"checkpoint_dir": "memory://ckpts"}})
+    fs = fsspec.filesystem("memory")
+    summary = train(load_config("params.yaml"), "conv")
+    assert fs.exists("/ckpts/conv/last.ckpt") and fs.exists("/ckpts/conv/best.ckpt")
+    record = json.loads(fs.cat_file("/ckpts/conv/run.json"))
+    assert record["run_id"] == summary["run_id"] and record["finished"] is True
+    assert not (workdir / "checkpoints").exists()
+    (run,) = _runs(workdir)
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
 
 
 def test_changed_configuration_starts_a_new_run(workdir):
