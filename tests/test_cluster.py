@@ -233,16 +233,18 @@ def ray_cluster(tmp_path, launched):
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     common = ["--num-cpus", 1, "--disable-usage-stats"]
     (tmp_path / "worker-node").mkdir()
-    head = launched.start([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port, "--temp-dir", head_dir,
-                           "--dashboard-host", "127.0.0.1", "--dashboard-port", free_port(), *common], cwd=tmp_path, env=auth)
-    assert head.wait(timeout=120) == 0, head.communicate()[0][-3000:]
-    worker = launched.start([BIN / "ray", "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                             "--temp-dir", worker_dir, *common], cwd=tmp_path / "worker-node", env=auth)
-    assert worker.wait(timeout=120) == 0, worker.communicate()[0][-3000:]
-    yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}
-    launched.start([BIN / "ray", "stop", "--force"], cwd=tmp_path, env=auth).wait(timeout=120)
-    shutil.rmtree(head_dir, ignore_errors=True)
-    shutil.rmtree(worker_dir, ignore_errors=True)
+    try:
+        head = launched.start([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port, "--temp-dir", head_dir,
+                               "--dashboard-host", "127.0.0.1", "--dashboard-port", free_port(), *common], cwd=tmp_path, env=auth)
+        assert head.wait(timeout=120) == 0, head.communicate()[0][-3000:]
+        worker = launched.start([BIN / "ray", "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+                                 "--temp-dir", worker_dir, *common], cwd=tmp_path / "worker-node", env=auth)
+        assert worker.wait(timeout=120) == 0, worker.communicate()[0][-3000:]
+        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}
+    finally:  # also when a node failed to start: the head's daemons outlive `ray start`
+        launched.start([BIN / "ray", "stop", "--force"], cwd=tmp_path, env=auth).wait(timeout=120)
+        shutil.rmtree(head_dir, ignore_errors=True)
+        shutil.rmtree(worker_dir, ignore_errors=True)
 
 
 def test_sweep_and_train_on_a_ray_cli_cluster_tracked_by_an_mlflow_server(dvc_project, ray_cluster, mlflow_server, launched):
