@@ -319,7 +319,7 @@ def _check_shared_paths(cfg: Config, meta: dict):
         files["data.path"] = (meta["root"], None)
     try:
         checks = {
-            n["NodeManagerAddress"]: _unreadable.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(files)
+            f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": _unreadable.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(files)
             for n in nodes
         }
         answers = dict(zip(checks, ray.get(list(checks.values()), timeout=NODE_CHECK_TIMEOUT_S)))
