@@ -34,7 +34,8 @@ class World:
     @classmethod
     def launch(cls, train: TrainConfig) -> "World":
         """Start (or join) the run's processes and their process group, configured like the Trainer."""
-        os.environ.setdefault(LAUNCHER_PID, str(os.getpid()))
+        if "LOCAL_RANK" not in os.environ:  # not itself started by a launcher: it may become one
+            os.environ[LAUNCHER_PID] = str(os.getpid())
         fabric = Fabric(accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
                         strategy=train.strategy)
         fabric.launch()
