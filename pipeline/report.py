@@ -31,7 +31,7 @@ SWEEP_RESULTS = Path("sweep/results.csv")
 # one marker per form with SASA, and per other attention mixer (a variant's "kind")
 MARKERS = {"conv": "o", "conv_stem_attention": "s", "full_attention": "^", "halo": "P", "bot": "X", "neighborhood": "v",
            "aa": "<", "san_pairwise": "h", "san_patchwise": "H"}
-STEM_MARKERS = {"conv": "o", "attention": "^"}
+STEM_MARKERS = {"conv": "o", "attention": "^", "attention_plain": "v", "attention_conv_values": "s"}
 DEPTH_NAMES = {"resnet26": "ResNet-26", "resnet38": "ResNet-38", "resnet50": "ResNet-50"}
 
 

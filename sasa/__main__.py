@@ -9,7 +9,7 @@ import os
 import sys
 
 from sasa import count, create_model, list_models
-from sasa.layers import MIXERS
+from sasa.layers import MIXERS, STEMS
 from sasa.models import FORMS
 from sasa.paper import TABLE1
 
@@ -95,7 +95,7 @@ def main(argv=None):
     info = sub.add_parser("info", help="parameters, multiply-adds and FLOPs of one model")
     info.add_argument("--model", required=True, help=f"one of {', '.join(list_models())}")
     info.add_argument("--form", default="conv", help=f"one of {', '.join(FORMS)} (default: conv)")
-    info.add_argument("--stem", help="conv or attention (default: from --form)")
+    info.add_argument("--stem", help=f"one of {', '.join(STEMS)} (default: from --form)")
     info.add_argument("--attention-groups", type=_groups, help="e.g. 2,3,4 (default: from --form)")
     info.add_argument("--kernel-size", type=int, help="attention window k (default 7)")
     info.add_argument("--heads", type=int, help="attention heads (default 8)")

@@ -66,7 +66,7 @@ def test_attention_goes_exactly_where_asked(groups):
 
 
 def test_form_sets_the_stem_and_groups():
-    assert isinstance(sasa.create_model("resnet26", form="full_attention").stem.attn, sasa.SpatiallyAwareAttention)
+    assert isinstance(sasa.create_model("resnet26", form="full_attention").stem.attn, sasa.StemAttention2d)
     assert sasa.create_model("resnet26", form="conv_stem_attention").config["stem"] == "conv"
     assert sasa.create_model("resnet26", form="conv", stem="attention").config["stem"] == "attention"
 

@@ -4,9 +4,9 @@ from sasa.layers.mixers import MIXERS, create_mixer
 from sasa.layers.neighborhood import NeighborhoodAttention2d
 from sasa.layers.san import SANPairwise2d, SANPatchwise2d
 from sasa.layers.sasa2d import POS_ENCODINGS, SASA2d
-from sasa.layers.stem import STEMS, SpatiallyAwareAttention, attention_stem, conv_stem
+from sasa.layers.stem import STEMS, StemAttention2d, attention_stem, conv_stem
 
 __all__ = [
     "MIXERS", "POS_ENCODINGS", "STEMS", "AttentionAugmentedConv2d", "BoTAttention2d", "HaloAttention2d", "NeighborhoodAttention2d",
-    "SANPairwise2d", "SANPatchwise2d", "SASA2d", "SpatiallyAwareAttention", "attention_stem", "conv_stem", "create_mixer",
+    "SANPairwise2d", "SANPatchwise2d", "SASA2d", "StemAttention2d", "attention_stem", "conv_stem", "create_mixer",
 ]

@@ -1,4 +1,6 @@
-"""The two stems: the ResNet convolution stem and the paper's attention stem.
+"""The stems: the ResNet convolution stem and the paper's three attention stems (its stem
+ablation): values by a 1x1 projection (``attention_plain``), by a 3x3 convolution
+(``attention_conv_values``), or spatially aware (``attention``, the paper's choice).
 
 Both downsample by 4 at ImageNet resolution (``small_input=False``) and by 1 for 28-32 px data,
 so that the last group of a ResNet still sees a 4x4 map (28 -> 28, 14, 7, 4) instead of 1x1.
@@ -6,6 +8,7 @@ so that the last group of a ResNet still sees a 4x4 map (28 -> 28, 14, 7, 4) ins
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -15,32 +18,45 @@ from sasa.layers._checks import check_choice, check_divisible, check_positive_in
 from sasa.layers.sasa2d import add_relative_embeddings
 
 
-class SpatiallyAwareAttention(nn.Module):
-    """Attention of every pixel over its ``block_size`` x ``block_size`` tile of the image, with
-    spatially-aware values (the paper's attention stem).
+VALUES = ("spatially_aware", "plain", "conv")
+CONV_VALUES_KERNEL = 3  # the paper does not give the size of its "spatial convolution for the values"
 
-    The value of memory pixel (a, b) is a position-dependent mixture of ``mixtures`` value
-    projections: v_ab = sum_m p(a, b, m) W_V^m x_ab, p(a, b, .) = softmax_m((emb_row(a) +
-    emb_col(b)) . nu_m), with (a, b) the position inside the tile. Logits are q.k plus, with
-    ``pos_enc='relative'``, the row/column-offset term of :class:`sasa.SASA2d`. Tiles that overhang
-    the image are padded, and the padded keys masked out.
+
+class StemAttention2d(nn.Module):
+    """Attention of every pixel over its ``block_size`` x ``block_size`` tile of the image: the
+    paper's attention stem, with the three ways of computing the values of its stem ablation.
+
+    - ``values='spatially_aware'`` (the paper's stem): the value of memory pixel (a, b) is a
+      position-dependent mixture of ``mixtures`` value projections, v_ab = sum_m p(a, b, m) W_V^m
+      x_ab, p(a, b, .) = softmax_m((emb_row(a) + emb_col(b)) . nu_m), (a, b) the position in the tile;
+    - ``'plain'``: plain stand-alone attention, v_ab = W_V x_ab;
+    - ``'conv'``: a 3x3 convolution of the image computes the values (zero-padded at its borders).
+
+    Logits are q.k plus, with ``pos_enc='relative'``, the row/column-offset term of
+    :class:`sasa.SASA2d`. Tiles that overhang the image are padded, and the padded keys masked out.
     """
 
-    def __init__(self, in_channels, out_channels, block_size=4, heads=8, mixtures=4, pos_enc="relative"):
+    def __init__(self, in_channels, out_channels, block_size=4, heads=8, mixtures=4, pos_enc="relative", values="spatially_aware"):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("block_size", block_size), ("heads", heads), ("mixtures", mixtures)):
             check_positive_int(name, value)
         check_choice("pos_enc", pos_enc, ("relative", "none"))
+        check_choice("values", values, VALUES)
         check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
         self.head_dim = out_channels // heads
         if pos_enc == "relative":
             check_divisible("out_channels", out_channels, 2 * heads, "row and column halves of each head's embedding")
-        self.out_channels, self.block_size, self.heads, self.mixtures = out_channels, block_size, heads, mixtures
+        self.out_channels, self.block_size, self.heads, self.value_kind = out_channels, block_size, heads, values
         self.qk = nn.Conv2d(in_channels, 2 * out_channels, 1, bias=False)
-        self.values = nn.Conv2d(in_channels, mixtures * out_channels, 1, bias=False)
-        self.emb_row = nn.Parameter(torch.randn(block_size, out_channels) * out_channels**-0.5)
-        self.emb_col = nn.Parameter(torch.randn(block_size, out_channels) * out_channels**-0.5)
-        self.mixture_logits = nn.Parameter(torch.randn(mixtures, out_channels) * out_channels**-0.5)  # nu_m
+        if values == "spatially_aware":
+            self.mixtures = mixtures
+            self.values = nn.Conv2d(in_channels, mixtures * out_channels, 1, bias=False)
+            self.emb_row = nn.Parameter(torch.randn(block_size, out_channels) * out_channels**-0.5)
+            self.emb_col = nn.Parameter(torch.randn(block_size, out_channels) * out_channels**-0.5)
+            self.mixture_logits = nn.Parameter(torch.randn(mixtures, out_channels) * out_channels**-0.5)  # nu_m
+        else:
+            kernel = CONV_VALUES_KERNEL if values == "conv" else 1
+            self.values = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
         # offsets -(b-1) .. b-1 inside a tile
         add_relative_embeddings(self, heads, self.head_dim, 2 * block_size - 1, pos_enc == "relative")
 
@@ -67,10 +83,11 @@ class SpatiallyAwareAttention(nn.Module):
         x = F.pad(x, (0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
         q, k = self._tiles(self.qk(x)).view(B, -1, b * b, 2, heads, hd).permute(3, 0, 1, 4, 2, 5)  # (B, T, h, b*b, hd)
-        mix = ((self.emb_row[:, None] + self.emb_col[None, :]) @ self.mixture_logits.t()).softmax(-1)  # (b, b, m)
-        values = self._tiles(self.values(x)).view(B, -1, b * b, self.mixtures, self.out_channels)
-        v = torch.einsum("btpmc,pm->btpc", values, mix.view(b * b, self.mixtures))
-        v = v.view(B, -1, b * b, heads, hd).transpose(2, 3)
+        v = self._tiles(self.values(x))  # the right/bottom zero padding is the conv's own (values='conv')
+        if self.value_kind == "spatially_aware":
+            mix = ((self.emb_row[:, None] + self.emb_col[None, :]) @ self.mixture_logits.t()).softmax(-1)  # (b, b, m)
+            v = torch.einsum("btpmc,pm->btpc", v.view(B, -1, b * b, self.mixtures, self.out_channels), mix.view(b * b, self.mixtures))
+        v = v.reshape(B, -1, b * b, heads, hd).transpose(2, 3)
         logits = q @ k.transpose(-1, -2)
         if self.rel_row is not None:
             logits = logits + torch.einsum("bthpd,hdpq->bthpq", q, self._relative())
@@ -94,13 +111,14 @@ def conv_stem(in_chans, out_channels, *, small_input=False, **_):
     return nn.Sequential(OrderedDict(layers))
 
 
-def attention_stem(in_chans, out_channels, *, small_input=False, heads=8, pos_enc="relative", mixtures=4, **_):
-    """The paper's stem: 4x4-tile attention with spatially-aware values, batch norm, 4x4 max pool
-    (no pool for small inputs). The paper applies no ReLU between them; neither do we.
-    ``absolute`` falls back to ``none`` here: the spatially-aware values already know their position."""
+def attention_stem(in_chans, out_channels, *, small_input=False, heads=8, pos_enc="relative", mixtures=4, values="spatially_aware", **_):
+    """The paper's stem: 4x4-tile attention (spatially-aware values unless ``values`` says
+    otherwise), batch norm, 4x4 max pool (no pool for small inputs). The paper applies no ReLU
+    between them; neither do we. ``absolute`` falls back to ``none`` here: the values' mixing or
+    convolution already knows positions, and the ablation compares the values alone."""
     pos_enc = "relative" if pos_enc == "relative" else "none"
     layers = [
-        ("attn", SpatiallyAwareAttention(in_chans, out_channels, block_size=4, heads=heads, mixtures=mixtures, pos_enc=pos_enc)),
+        ("attn", StemAttention2d(in_chans, out_channels, block_size=4, heads=heads, mixtures=mixtures, pos_enc=pos_enc, values=values)),
         ("bn", nn.BatchNorm2d(out_channels)),
     ]
     if not small_input:
@@ -108,5 +126,10 @@ def attention_stem(in_chans, out_channels, *, small_input=False, heads=8, pos_en
     return nn.Sequential(OrderedDict(layers))
 
 
-STEMS = {"conv": conv_stem, "attention": attention_stem}
+STEMS = {
+    "conv": conv_stem,
+    "attention": attention_stem,
+    "attention_plain": partial(attention_stem, values="plain"),
+    "attention_conv_values": partial(attention_stem, values="conv"),
+}
 STEM_STRIDE = {False: 4, True: 1}  # keyed by small_input
