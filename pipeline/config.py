@@ -222,6 +222,13 @@ class SweepConfig(_Section):
                 raise ValueError(f"{key}: architecture keys take a list or choice, not {sampler}")
         return space
 
+    @model_validator(mode="after")
+    def _mode_fits_metric(self):
+        wanted = {"val_top1": "max", "val_loss": "min"}[self.metric]
+        if self.mode != wanted:
+            raise ValueError(f"sweep.mode={self.mode!r} would pick the worst trial by {self.metric}; use mode: {wanted}")
+        return self
+
     def trial_count(self) -> int:
         """How many trials the sweep runs: every grid combination, ``num_samples`` times (an interrupted
         Tune run only knows the trials it has generated so far)."""

@@ -80,7 +80,7 @@ def load_sweep(path: Path = SWEEP_RESULTS) -> list[dict]:
         raise StageError(f"{path} has no trials")
     for r in rows:
         r.update(kernel_size=int(r["kernel_size"]), params=int(r["params"]), mflops=float(r["mflops"]),
-                 top1=float(r["best_top1"]), epochs=int(r["epochs"]), stopped_early=r["stopped_early"] == "True")
+                 top1=float(r["top1"]), epochs=int(r["epochs"]), stopped_early=r["stopped_early"] == "True")
     return rows
 
 
@@ -140,7 +140,7 @@ def plot_sweep(rows) -> bytes:
     for stem in sorted({r["stem"] for r in rows}):
         ax.scatter([], [], color="0.4", marker=STEM_MARKERS.get(stem, "D"), label=f"{stem} stem")
     ax.set_xlabel("FLOPs per image (M)")
-    ax.set_ylabel("best val top-1 (%)")
+    ax.set_ylabel("val top-1 at the last epoch (%)")
     ax.set_title("sweep: spatial extent and stem", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # outside: never hides a point
@@ -160,7 +160,8 @@ def sweep_markdown(rows, cfg: Config) -> list[str]:
         "## Sweep: spatial extent and stem (the shape of the paper's Table 4)",
         "",
         f"Ray Tune sweep `{cfg.sweep.name}` over {', '.join(f'`{k}`' for k in cfg.sweep.space)} from variant "
-        f"`{cfg.sweep.base}` ({len(rows)} trials, {cfg.sweep.scheduler.type.upper()} scheduler; best epoch of each trial). "
+        f"`{cfg.sweep.base}` ({len(rows)} trials, {cfg.sweep.scheduler.type.upper()} scheduler; top-1 at each trial's last "
+        "epoch, the one ASHA stopped it at for stopped trials). "
         "Each cell: MFLOPs / M params / top-1 (%). *Paper*: ResNet-50, conv stem, ImageNet (GFLOPs / M params / top-1).",
         "",
         "![sweep](sweep_accuracy_vs_flops.png)",

@@ -38,6 +38,7 @@ BAD = [
     ({"sweep": {"space": {"kernel_size": {"randint": [3, 9]}}}}, "kernel_size: architecture keys take a list or choice"),
     ({"sweep": {"space": {"lr": []}}}, "lr: an empty grid"),
     ({"sweep": {"base": "nope"}}, "sweep.base='nope' is not in models.variants; defined: conv"),
+    ({"sweep": {"metric": "val_loss", "mode": "max"}}, "sweep.mode='max' would pick the worst trial by val_loss; use mode: min"),
     ({"sweep": {"train": {"epoch": 3}}}, "sweep: a trial's train values are invalid:\n  epoch: unknown key"),
     ({"sweep": {"space": {"lr": [0.1, -1]}}}, "a trial's train values are invalid:\n  lr: Input should be greater than 0"),
     ({"sweep": {"scheduler": {"grace_period": 2}}}, "sweep.scheduler.grace_period=2 exceeds the trials' 1 epochs"),

@@ -75,6 +75,9 @@ def test_a_killed_trial_is_retried_from_its_last_checkpoint(workdir):
     assert [h["epoch"] for h in history] == [1, 2, 3], "the retry did not continue from the checkpoint"
     (row,) = _results(workdir)
     assert row["trial_id"] == trial_id and row["epochs"] == "3"
+    # top-1 is the last epoch's; the best epoch's is a column of its own
+    assert float(row["top1"]) == pytest.approx(100 * history[-1]["val_top1"])
+    assert float(row["best_epoch_top1"]) == pytest.approx(100 * max(h["val_top1"] for h in history))
     _, (child,) = _mlflow_runs(workdir)
     assert child.info.status == "FINISHED"
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(child.info.run_id, "val_top1")]
