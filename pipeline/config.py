@@ -96,12 +96,15 @@ class TrainConfig(_Section):
     batch_size: PositiveInt = 64
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0, description="peak learning rate (after warm-up)")
+    lr_reference_batch: Optional[PositiveInt] = Field(None, description="lr is per this many images, scaled to the global batch")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-5, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="EMA of weights; null disables")
+    bn_decay: Optional[float] = Field(None, gt=0, lt=1, description="batch-norm running-average decay (paper: 0.9999); null: PyTorch's 0.9")
+    sync_batchnorm: bool = Field(False, description="batch-norm statistics over all devices (DDP)")
     seed: int = 0
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: Union[PositiveInt, Literal["auto"]] = 1

@@ -91,6 +91,10 @@ class Classifier(pl.LightningModule):
         self.model = ArchConfig(**arch).build(num_classes=num_classes, in_chans=in_chans)
         self.memory_format = torch.channels_last if self.train_cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
+        if self.train_cfg.bn_decay is not None:  # PyTorch's momentum is the weight of the new batch
+            for norm in self.model.modules():
+                if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                    norm.momentum = 1 - self.train_cfg.bn_decay
         # the compiled forward function is not a module: state-dict keys and checkpoints stay the same
         self._compiled = torch.compile(self.model.forward) if self.train_cfg.compile else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.train_cfg.label_smoothing)
@@ -121,16 +125,25 @@ class Classifier(pl.LightningModule):
         self.log("val_top1", self.val_top1, on_epoch=True, prog_bar=True)
         self.log("val_top5", self.val_top5, on_epoch=True)
 
+    def peak_lr(self) -> float:
+        """``train.lr``, or with ``lr_reference_batch`` set, ``lr`` per that many images scaled
+        linearly to the global batch (batch_size x devices x nodes): the paper's 1.6 at 4096."""
+        cfg = self.train_cfg
+        if cfg.lr_reference_batch is None:
+            return cfg.lr
+        return cfg.lr * cfg.batch_size * self.trainer.world_size / cfg.lr_reference_batch
+
     def configure_optimizers(self):
         cfg = self.train_cfg
         decay, no_decay = [], []
         for p in self.parameters():  # no weight decay on norms, biases and embeddings' 1-D vectors
             (decay if p.ndim > 1 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        lr = self.peak_lr()
         if cfg.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
         else:  # momentum is beta1
-            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+            optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = round(cfg.warmup_epochs * total / cfg.epochs)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
@@ -156,6 +169,7 @@ def build_trainer(cfg: TrainConfig, **overrides) -> pl.Trainer:
         precision=precision(cfg),
         limit_train_batches=cfg.limit_train_batches,
         limit_val_batches=cfg.limit_val_batches,
+        sync_batchnorm=cfg.sync_batchnorm,
         enable_progress_bar=cfg.progress_bar,
         log_every_n_steps=1,
     )
