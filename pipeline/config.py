@@ -105,7 +105,7 @@ class TrainConfig(_Section):
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="EMA of weights; null disables")
     bn_decay: Optional[float] = Field(None, gt=0, lt=1, description="batch-norm running-average decay (paper: 0.9999); null: PyTorch's 0.9")
     sync_batchnorm: bool = Field(False, description="batch-norm statistics over all devices (DDP)")
-    seed: int = 0
+    seeds: list[int] = Field([0], min_length=1, description="one run per seed; the report gives mean and 95% interval over them")
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: Union[PositiveInt, Literal["auto"]] = 1
     num_nodes: PositiveInt = 1
@@ -117,6 +117,13 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile the model (fuses the layers around the attention op)")
     channels_last: bool = Field(True, description="NHWC weights and activations: faster convolutions on CPUs and GPUs")
     checkpoint_dir: str = Field("checkpoints", min_length=1, description="folder or fsspec URL every node shares")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"each seed once; got {v}")
+        return v
 
     @field_validator("limit_train_batches", "limit_val_batches")
     @classmethod
@@ -146,6 +153,8 @@ class TrainConfig(_Section):
 
 # where and how visibly a run trains, not what it computes: left out of the fingerprints
 RUNTIME_TRAIN_KEYS = {"progress_bar", "checkpoint_dir"}
+# a run's recipe: everything in train but these (a run has one seed of the list)
+NOT_RECIPE_KEYS = RUNTIME_TRAIN_KEYS | {"seeds"}
 
 
 class MlflowConfig(_Section):
@@ -166,7 +175,7 @@ class ReportConfig(_Section):
 
 SAMPLERS = ("choice", "uniform", "loguniform", "randint")
 ARCH_KEYS = tuple(k for k in ArchConfig.model_fields if k != "model")
-TRAIN_KEYS = tuple(TrainConfig.model_fields)
+TRAIN_KEYS = tuple(k for k in TrainConfig.model_fields if k != "seeds")  # seeds repeat every trial, not a search axis
 
 
 class SchedulerConfig(_Section):
@@ -209,7 +218,8 @@ class SweepConfig(_Section):
             raise ValueError("define at least one key to sweep")
         for key, spec in space.items():
             if key not in ARCH_KEYS + TRAIN_KEYS:
-                raise ValueError(f"{key!r} cannot be swept; allowed: {', '.join(ARCH_KEYS + TRAIN_KEYS)}")
+                hint = " (every trial runs once per train.seeds)" if key in ("seed", "seeds") else ""
+                raise ValueError(f"{key!r} cannot be swept{hint}; allowed: {', '.join(ARCH_KEYS + TRAIN_KEYS)}")
             if isinstance(spec, list):
                 if not spec:
                     raise ValueError(f"{key}: an empty grid")
@@ -232,10 +242,10 @@ class SweepConfig(_Section):
             raise ValueError(f"sweep.mode={self.mode!r} would pick the worst trial by {self.metric}; use mode: {wanted}")
         return self
 
-    def trial_count(self) -> int:
-        """How many trials the sweep runs: every grid combination, ``num_samples`` times (an interrupted
-        Tune run only knows the trials it has generated so far)."""
-        return self.num_samples * math.prod(len(spec) for spec in self.space.values() if isinstance(spec, list))
+    def trial_count(self, seeds: int) -> int:
+        """How many trials the sweep runs: every grid combination and seed, ``num_samples`` times (an
+        interrupted Tune run only knows the trials it has generated so far)."""
+        return seeds * self.num_samples * math.prod(len(spec) for spec in self.space.values() if isinstance(spec, list))
 
     def discrete_values(self, key) -> list:
         """The values a grid or choice key can take; empty for continuous samplers."""
@@ -283,16 +293,20 @@ class Config(_Section):
             "data": self.data.model_dump(exclude={"num_workers"}),
             "sweep": self.sweep.model_dump(exclude={"address", "storage_path", "max_concurrent_trials", "resources", "max_failures"}),
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return _hash(payload)
 
-    def fingerprint(self, variant: str) -> str:
-        """Hash of everything that determines a variant's training run (not where it is tracked)."""
-        payload = {
-            "arch": self.models.resolved(variant).model_dump(),
-            "train": self.train.model_dump(exclude=RUNTIME_TRAIN_KEYS),
-            "data": self.data.model_dump(exclude={"num_workers"}),
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    def recipe(self, train: TrainConfig) -> str:
+        """Hash of how a run trains (data and train, not the seed): runs of one recipe are comparable,
+        whatever their architecture and whichever stage trained them."""
+        return _hash({"train": train.model_dump(exclude=NOT_RECIPE_KEYS), "data": self.data.model_dump(exclude={"num_workers"})})
+
+    def fingerprint(self, variant: str, seed: int) -> str:
+        """Hash of everything that determines one training run of a variant (not where it is tracked)."""
+        return _hash({"arch": self.models.resolved(variant).model_dump(), "recipe": self.recipe(self.train), "seed": seed})
+
+
+def _hash(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format(err: ValidationError) -> str:
@@ -341,12 +355,18 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return validate(raw, str(path))
+
+
+def validate(raw, source: str) -> Config:
+    """Parameters read from ``source`` checked in full: the schema, then every variant and every
+    architecture the sweep can produce is built."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(Config.model_fields)})")
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(Config.model_fields)})")
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{path}: invalid parameters\n{_format(err)}") from None
+        raise ConfigError(f"{source}: invalid parameters\n{_format(err)}") from None
     _check_variants(cfg)
     _check_sweep(cfg)
     return cfg

@@ -188,11 +188,11 @@ class Run:
     counts: sasa.Counts
 
 
-def build_run(data: DataConfig, arch: ArchConfig, train: TrainConfig, prepared: str | Path = PREPARED) -> Run:
-    """Seeded the same way wherever it runs (a stage's process, each DDP rank, a Ray trial); checks
-    ``prepared`` before anything is built."""
-    pl.seed_everything(train.seed, workers=True)
-    datamodule = PreparedDataModule(data, train.batch_size, prepared, seed=train.seed)
+def build_run(data: DataConfig, arch: ArchConfig, train: TrainConfig, seed: int, prepared: str | Path = PREPARED) -> Run:
+    """The run of one seed, seeded the same way wherever it runs (a stage's process, each DDP rank, a
+    Ray trial); checks ``prepared`` before anything is built."""
+    pl.seed_everything(seed, workers=True)
+    datamodule = PreparedDataModule(data, train.batch_size, prepared, seed=seed)
     module = Classifier(arch.model_dump(), datamodule.num_classes, datamodule.in_chans, train.model_dump())
     counts = sasa.count(module.model, (datamodule.in_chans, data.resolution, data.resolution))
     return Run(datamodule, module, counts)

@@ -1,10 +1,11 @@
 """The record that ties a stage's resumable state to its MLflow run, shared by the train stage
 (``CHECKPOINT_DIR/VARIANT/run.json``) and the sweep (``sweep/state.json``).
 
-A record holds the configuration's fingerprint, the MLflow run id and, once the stage has
-written its outputs, ``finished``. A stage resumes only an *unfinished* record of the same
-configuration whose run still exists: DVC re-runs a finished stage after a code or data change,
-and that must start afresh rather than re-report old state. Records may live on a shared
+A record holds the configuration's fingerprint, the MLflow run id, ``finished`` (with the run's
+``result``) once the run is done, and ``reported`` once the stage has written its outputs. A stage
+resumes only an *unfinished* record of the same configuration whose run still exists, and reuses a
+finished but unreported one (a seed done before the stage was interrupted): DVC re-runs a finished
+stage after a code or data change, and that must start afresh rather than re-report old state. Records may live on a shared
 filesystem or behind an fsspec URL (``s3://...``), like the checkpoints beside them.
 """
 from __future__ import annotations
@@ -48,8 +49,19 @@ class RunRecord:
         client.update_run(state["run_id"], status="RUNNING")
         return state
 
+    def unreported(self, fingerprint: str, client: MlflowClient, experiment_id: str) -> dict | None:
+        """The result of a finished run of this configuration that no stage output has reported yet
+        (its stage was interrupted later), if that run is still in the experiment; else None."""
+        state = self.read()
+        if not state or not state.get("finished") or state.get("reported") or state.get("fingerprint") != fingerprint:
+            return None
+        return state.get("result") if run_in_experiment(client, state["run_id"], experiment_id) else None
+
     def write(self, state: dict):
         write_text(self.path, json.dumps(state))
 
-    def finish(self):
-        self.write({**self.read(), "finished": True})
+    def finish(self, result: dict | None = None):
+        self.write({**self.read(), "finished": True, "result": result})
+
+    def mark_reported(self):
+        self.write({**self.read(), "reported": True})

@@ -34,12 +34,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sasa
 from pipeline import preflight
-from pipeline.config import ARCH_KEYS, Config, ConfigError, SweepConfig
+from pipeline.config import ARCH_KEYS, Config, ConfigError
 from pipeline.data import PREPARED
 from pipeline.module import build_run, build_trainer
 from pipeline.runstate import RunRecord
 from pipeline.stage import StageError, atomic_write_text, csv_text, run_stage, sigterm_as_ctrl_c
-from pipeline.tracking import experiment_id, flatten, source_tags, tracking_uri
+from pipeline.tracking import experiment_id, flatten, resolved_params, run_identity, source_tags, tracking_uri
 
 SWEEP = Path("sweep")
 STATE = SWEEP / "state.json"
@@ -52,22 +52,24 @@ RUNTIME_ENV_EXCLUDES = [".git", ".dvc/cache", ".dvc/tmp"]
 TRIAL_METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_top1", "params", "macs", "flops")
 
 
-def search_space(sweep: SweepConfig) -> dict:
-    """``sweep.space`` in Tune's terms: lists become grids, ``{sampler: args}`` Tune samplers."""
+def search_space(cfg: Config) -> dict:
+    """``sweep.space`` in Tune's terms: lists become grids, ``{sampler: args}`` Tune samplers; and a
+    grid over ``train.seeds``, so trials repeat like the variants do and pair with them by seed."""
     space = {}
-    for key, spec in sweep.space.items():
+    for key, spec in cfg.sweep.space.items():
         if isinstance(spec, list):
             space[key] = tune.grid_search(spec)
         else:
             ((sampler, args),) = spec.items()
             space[key] = tune.choice(args) if sampler == "choice" else getattr(tune, sampler)(*args)
+    space["seed"] = tune.grid_search(cfg.train.seeds)
     return space
 
 
 def split_trial_config(cfg: Config, config: dict):
-    """A trial's sampled values -> its resolved architecture and train sections."""
+    """A trial's sampled values -> its resolved architecture and train sections (its seed is ``config["seed"]``)."""
     arch = cfg.trial_arch({k: v for k, v in config.items() if k in ARCH_KEYS})
-    train = cfg.trial_train({k: v for k, v in config.items() if k not in ARCH_KEYS})
+    train = cfg.trial_train({k: v for k, v in config.items() if k not in ARCH_KEYS and k != "seed"})
     return arch, train
 
 
@@ -106,7 +108,7 @@ def fit_trial(config: dict, cfg: Config, prepared: dict[str, bytes], session, **
     with tempfile.TemporaryDirectory(prefix="sasa-prepared-") as folder:
         for name, data in prepared.items():
             Path(folder, name).write_bytes(data)
-        run = build_run(cfg.data, arch, train, folder)
+        run = build_run(cfg.data, arch, train, config["seed"], folder)
         trainer = build_trainer(
             train, accelerator="gpu" if cfg.sweep.resources.gpu else "cpu", logger=False, enable_checkpointing=False,
             callbacks=[ReportEachEpoch(run.counts, session)], **placement,
@@ -191,12 +193,12 @@ class MlflowTrials(tune.Callback):
 
     def _create(self, trial):
         arch, train = split_trial_config(self.cfg, trial.config)
-        tags = {
-            "mlflow.parentRunId": self.parent_id, "sasa.kind": "sweep_trial", "sasa.sweep": self.cfg.sweep.name,
-            "sasa.trial_id": trial.trial_id, "sasa.model": arch.model_name, "sasa.form": arch.form_name, "sasa.mixer": arch.mixer_name,
-        }
+        model = arch.build(num_classes=10, in_chans=3)  # the resolved architecture does not depend on either
+        tags = {"mlflow.parentRunId": self.parent_id, "sasa.kind": "sweep_trial", "sasa.sweep": self.cfg.sweep.name, "sasa.trial_id": trial.trial_id}
+        tags.update(run_identity(model, arch.model_name, self.cfg.recipe(train), trial.config["seed"]))
         run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
         params = {**flatten("arch", arch.model_dump()), **flatten("train", train.model_dump()), **flatten("data", self.cfg.data.model_dump())}
+        params.update(resolved_params(model, arch.model_name))
         params.update(flatten("trial", trial.config))
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         return run.info.run_id
@@ -210,7 +212,14 @@ class MlflowTrials(tune.Callback):
         self.client.log_batch(self.run_id(trial), metrics=metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.client.set_terminated(self.run_id(trial), "FINISHED")
+        """A trial that ran every epoch gets ``top1``/``top5``, its last epoch's, as a variant's run
+        does: the report pools it with variants of the same architecture and recipe. An ASHA-stopped
+        trial trained less, so it gets none and stays out of the report's tables."""
+        run_id, last = self.run_id(trial), trial.last_result or {}
+        if last.get("epoch") == self.cfg.trial_train().epochs:
+            self.client.log_batch(run_id, metrics=[Metric(k, float(last[f"val_{k}"]), int(time.time() * 1000), last["epoch"])
+                                                   for k in ("top1", "top5") if f"val_{k}" in last])
+        self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.client.set_terminated(self.run_id(trial), "FAILED")
@@ -351,7 +360,7 @@ def _tuner(cfg: Config, state: dict, callback: MlflowTrials) -> tune.Tuner:
     trainable = _trainable(cfg, path)
     if tune.Tuner.can_restore(path):
         print(f"sweep: resuming {path}")
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, param_space=search_space(cfg.sweep))
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, param_space=search_space(cfg))
     s = cfg.sweep
     epochs = cfg.trial_train().epochs
     if s.scheduler.type == "asha":
@@ -361,7 +370,7 @@ def _tuner(cfg: Config, state: dict, callback: MlflowTrials) -> tune.Tuner:
         scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
-        param_space=search_space(s),
+        param_space=search_space(cfg),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, num_samples=s.num_samples,
                                     max_concurrent_trials=s.max_concurrent_trials),
         run_config=tune.RunConfig(
@@ -386,7 +395,7 @@ def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
         row = {"trial_id": last["trial_id"]}
         row.update({k: json.dumps(v) if isinstance(v, list) else v for k, v in result.config.items()})
         row.update({
-            "kernel_size": resolved["kernel_size"], "stem": resolved["stem"],
+            "kernel_size": resolved["kernel_size"], "stem": resolved["stem"], "seed": result.config["seed"],
             "params": int(last["params"]), "mflops": last["flops"] / 1e6,
             # top-1 is the last epoch's everywhere (what the paper reports); the best epoch's is labelled
             "top1": 100 * last["val_top1"], "val_loss": last["val_loss"], "best_epoch_top1": 100 * history["val_top1"].max(),
@@ -394,7 +403,7 @@ def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
             "node_ip": last["node_ip"], "node_id": last["node_id"], "mlflow_run_id": callback.run_id_of(last["trial_id"]),
         })
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["kernel_size"], r["stem"]))
+    return sorted(rows, key=lambda r: (r["kernel_size"], r["stem"], r["seed"]))
 
 
 def sweep(cfg: Config):
@@ -415,7 +424,7 @@ def sweep(cfg: Config):
         results = _tuner(cfg, state, callback).fit()
     finally:
         ray.shutdown()
-    unfinished = cfg.sweep.trial_count() - results.num_terminated - results.num_errors
+    unfinished = cfg.sweep.trial_count(len(cfg.train.seeds)) - results.num_terminated - results.num_errors
     if unfinished:  # Tune stops gracefully on Ctrl-C (and SIGTERM, see run_stage) and keeps the experiment's state
         kill_open_runs(client, exp_id, parent)
         print(f"sweep: interrupted with {unfinished} trial(s) unfinished", file=sys.stderr)

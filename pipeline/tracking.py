@@ -1,6 +1,8 @@
 """MLflow conventions of the project: where runs go, and the tags that tie a run to its code."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 
@@ -40,3 +42,25 @@ def source_tags() -> dict[str, str]:
 
 def flatten(prefix: str, values: dict) -> dict[str, str]:
     return {f"{prefix}/{k}": str(v) for k, v in values.items()}
+
+
+def resolved_architecture(model, model_name: str) -> dict:
+    """What a run's network is, every default filled in (``model.config``), without the data's class
+    and channel counts or ``form`` (a shorthand for stem and attention groups): two runs with equal
+    resolved architectures trained the same network, whatever they were called."""
+    config = getattr(model, "config", {})
+    return {"model": model_name, **{k: v for k, v in config.items() if k not in ("num_classes", "in_chans", "form")}}
+
+
+def resolved_params(model, model_name: str) -> dict[str, str]:
+    """The resolved architecture as MLflow params ``resolved/KEY`` (JSON values), which the report reads back."""
+    return {f"resolved/{k}": json.dumps(v) for k, v in resolved_architecture(model, model_name).items()}
+
+
+def run_identity(model, model_name: str, recipe: str, seed: int) -> dict[str, str]:
+    """Tags every training run carries, variant or sweep trial: the report pools runs by ``sasa.arch``
+    (a hash of the resolved architecture) within one ``sasa.recipe``, and pairs them by ``sasa.seed``."""
+    arch = resolved_architecture(model, model_name)
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+    return {"sasa.arch": digest, "sasa.recipe": recipe, "sasa.seed": str(seed), "sasa.model": model_name,
+            "sasa.form": getattr(model, "config", {}).get("form", ""), "sasa.mixer": arch.get("mixer", "")}

@@ -1,17 +1,18 @@
-"""Stage ``train``: train one model variant with Lightning, track it in MLflow, resume if interrupted.
+"""Stage ``train``: train one model variant once per seed with Lightning, track each run in MLflow, resume if interrupted.
 
 ``python -m pipeline.train --variant NAME``, the same command under Lightning's own launcher
-(``train.devices: N``), ``torchrun`` or SLURM's ``srun``. Checkpoints go to
-``train.checkpoint_dir/NAME/`` every epoch; ``run.json`` there records the MLflow run and a
-fingerprint of the variant's configuration. Global rank 0 alone decides, and tells the other
-ranks: a re-run with the same fingerprint resumes from ``last.ckpt`` into the same MLflow run; a
+(``train.devices: N``), ``torchrun`` or SLURM's ``srun``. The seeds (``train.seeds``) train one after
+the other, one MLflow run each. Checkpoints go to ``train.checkpoint_dir/NAME/seed-S/`` every epoch;
+``run.json`` there records the MLflow run and a fingerprint of that run's configuration. Global rank
+0 alone decides, and tells the other ranks: a re-run with the same fingerprint resumes from
+``last.ckpt`` into the same MLflow run (seeds already finished in this attempt are not retrained); a
 changed configuration starts afresh. Before that, every rank must read back a token rank 0 wrote
 into the checkpoint folder, or all stop with an error naming it. Each epoch's shuffling and
 augmentation are seeded by (seed, epoch), so a resumed run ends with the same weights and metrics
 as an uninterrupted one. Ctrl-C or SIGTERM to any rank stops every rank at the same step and marks
 the MLflow run KILLED (exit 130); a NaN/inf loss stops training (run FAILED) before it touches the
 weights or the checkpoints. Only rank 0 talks to MLflow. The stage writes ``metrics/NAME.json``
-(what DVC tracks) last.
+(what DVC tracks: each seed's top-1 and their mean with its 95% interval) last.
 """
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 from mlflow.entities import Param
 
-import sasa
 from pipeline import preflight
 from pipeline.config import Config, ConfigError
 from pipeline.distributed import World, wait_for_launcher
-from pipeline.module import NonFiniteLoss, StopAtBatchEnd, build_run, build_trainer
+from pipeline.module import NonFiniteLoss, Run, StopAtBatchEnd, build_run, build_trainer
 from pipeline.runstate import RunRecord
 from pipeline.stage import StageError, atomic_write_text, run_stage
-from pipeline.tracking import experiment_id, flatten, source_tags, tracking_uri
+from pipeline.stats import estimate
+from pipeline.tracking import experiment_id, flatten, resolved_params, run_identity, source_tags, tracking_uri
 
 METRICS = Path("metrics")
 
@@ -61,33 +62,37 @@ class Throughput(pl.Callback):
         pl_module.log("train_images_per_s", rate, rank_zero_only=True)
 
 
-def checkpoint_dir(cfg: Config, variant: str) -> str:
-    return f"{cfg.train.checkpoint_dir.rstrip('/')}/{variant}"
+def checkpoint_dir(cfg: Config, variant: str, seed: int) -> str:
+    return f"{cfg.train.checkpoint_dir.rstrip('/')}/{variant}/seed-{seed}"
 
 
-def _start_or_resume_run(cfg: Config, variant: str, ckpt_dir: str, counts: sasa.Counts) -> dict:
-    """Rank 0: continue the interrupted run of this configuration if its record and its MLflow run
-    are still there, otherwise discard the old checkpoints and create a run."""
+def _start_or_resume_run(cfg: Config, variant: str, seed: int, ckpt_dir: str, run: Run) -> dict:
+    """Rank 0: the result of this configuration's run if it finished before the stage was interrupted
+    (``done``); else continue its interrupted run if its record and its MLflow run are still there;
+    else discard the old checkpoints and create a run."""
     client = MlflowClient(tracking_uri(cfg))
     exp_id = experiment_id(client, cfg)
     record = RunRecord(f"{ckpt_dir}/run.json")
     fs, path = url_to_fs(ckpt_dir)
-    fingerprint = cfg.fingerprint(variant)
+    fingerprint = cfg.fingerprint(variant, seed)
+    done = record.unreported(fingerprint, client, exp_id)
+    if done:
+        return {"done": done}
     state = record.resumable(fingerprint, client, exp_id)
     if state:
         return {"run_id": state["run_id"], "resume": fs.exists(f"{path}/last.ckpt")}
     if fs.exists(path):  # also what a SLURM requeue or an older attempt left there
         fs.rm(path, recursive=True)
-    arch = cfg.models.resolved(variant)
     tags = {"sasa.kind": "train", "sasa.variant": variant, "dvc.stage": f"train@{variant}", "sasa.fingerprint": fingerprint}
-    tags.update({"sasa.model": arch.model_name, "sasa.form": arch.form_name, "sasa.mixer": arch.mixer_name}, **source_tags())
-    run = client.create_run(exp_id, run_name=variant, tags=tags)
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten("data", cfg.data.model_dump()).items()])
-    for name, value in counts.as_dict().items():
-        client.log_metric(run.info.run_id, name, value)
+    tags.update(run_identity(run.module.model, cfg.models.resolved(variant).model_name, cfg.recipe(cfg.train), seed), **source_tags())
+    created = client.create_run(exp_id, run_name=f"{variant} seed {seed}", tags=tags)
+    params = {**flatten("data", cfg.data.model_dump()), **resolved_params(run.module.model, cfg.models.resolved(variant).model_name)}
+    client.log_batch(created.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    for name, value in run.counts.as_dict().items():
+        client.log_metric(created.info.run_id, name, value)
     fs.makedirs(path, exist_ok=True)
-    record.write({"fingerprint": fingerprint, "run_id": run.info.run_id})
-    return {"run_id": run.info.run_id, "resume": False}
+    record.write({"fingerprint": fingerprint, "run_id": created.info.run_id})
+    return {"run_id": created.info.run_id, "resume": False}
 
 
 def _cluster_plugins() -> list:
@@ -98,19 +103,33 @@ def _cluster_plugins() -> list:
 
 
 def train(cfg: Config, variant: str) -> dict | None:
+    """Every seed of the variant in turn; rank 0 returns (and writes) the summary."""
     if variant not in cfg.models.variants:
         raise ConfigError(f"--variant {variant!r} is not in models.variants; defined: {', '.join(cfg.models.variants)}")
     preflight.devices(cfg.train)
-    run = build_run(cfg.data, cfg.models.resolved(variant), cfg.train)  # checks data/prepared first
-    world = World.launch(cfg.train)
-    world.on_zero(lambda: preflight.tracking(cfg))  # the other nodes may have no route to the tracking server
-    ckpt_dir = checkpoint_dir(cfg, variant)
+    world, runs = None, []
+    for seed in cfg.train.seeds:
+        run = build_run(cfg.data, cfg.models.resolved(variant), cfg.train, seed=seed)  # checks data/prepared first
+        if world is None:
+            world = World.launch(cfg.train)
+            world.on_zero(lambda: preflight.tracking(cfg))  # the other nodes may have no route to the tracking server
+        runs.append(_train_seed(cfg, variant, seed, run, world))
+    if not world.is_zero:
+        return None
+    return _summarise(cfg, variant, runs)
+
+
+def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) -> dict | None:
+    ckpt_dir = checkpoint_dir(cfg, variant, seed)
     world.check_shared(ckpt_dir, key="train.checkpoint_dir")
-    decision = world.on_zero(lambda: _start_or_resume_run(cfg, variant, ckpt_dir, run.counts))
+    decision = world.on_zero(lambda: _start_or_resume_run(cfg, variant, seed, ckpt_dir, run))
+    if "done" in decision:
+        print(f"train@{variant} seed {seed}: finished before the stage was interrupted (MLflow run {decision['done']['run_id']})")
+        return decision["done"]
     run_id = decision["run_id"]
     last = f"{ckpt_dir}/last.ckpt"
     action = f"resuming from {last}" if decision["resume"] else "starting afresh"
-    print(f"train@{variant}: rank {world.rank} of {world.size}, MLflow run {run_id}: {action}", flush=True)
+    print(f"train@{variant} seed {seed}: rank {world.rank} of {world.size}, MLflow run {run_id}: {action}", flush=True)
 
     throughput = Throughput()
     callbacks = [
@@ -131,7 +150,7 @@ def train(cfg: Config, variant: str) -> dict | None:
         raise KeyboardInterrupt from None
     if not world.is_zero:
         return None
-    return _finish(cfg, variant, run_id, trainer, throughput, run.counts, ckpt_dir)
+    return _finish(cfg, variant, seed, run_id, trainer, throughput, run.counts, ckpt_dir)
 
 
 def _describe(last: str) -> str:
@@ -143,7 +162,8 @@ def _describe(last: str) -> str:
     return f"the last good checkpoint, {last} (end of epoch {epoch}), is intact"
 
 
-def _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir):
+def _finish(cfg, variant, seed, run_id, trainer, throughput, counts, ckpt_dir) -> dict:
+    """Rank 0, one seed: the final metrics and best checkpoint into its MLflow run, its record finished."""
     client = MlflowClient(tracking_uri(cfg))
     history = client.get_run(run_id).data.metrics
     final = {k: float(trainer.callback_metrics.get(k, history.get(k, float("nan")))) for k in ("val_top1", "val_top5")}
@@ -157,10 +177,27 @@ def _finish(cfg, variant, run_id, trainer, throughput, counts, ckpt_dir):
         with tempfile.TemporaryDirectory() as tmp:  # MLflow uploads local files
             fs.get(best, f"{tmp}/best.ckpt")
             client.log_artifact(run_id, f"{tmp}/best.ckpt", artifact_path="checkpoints")
-    summary = {"variant": variant, "run_id": run_id, **results, **counts.as_dict(), "epochs": trainer.current_epoch}
+    result = {"seed": seed, "run_id": run_id, **results, **counts.as_dict(), "epochs": trainer.current_epoch}
+    RunRecord(f"{ckpt_dir}/run.json").finish(result)
+    print(f"{variant} seed {seed}: top-1 {results['top1']:.4f}, {counts.flops / 1e6:.1f} MFLOPs, {counts.params / 1e6:.3f} M params")
+    return result
+
+
+def _summarise(cfg: Config, variant: str, runs: list[dict]) -> dict:
+    """``metrics/VARIANT.json``: each seed's run, and top-1 as mean and 95% interval over the seeds."""
+    top1 = estimate([r["top1"] for r in runs])
+    first = runs[0]
+    summary = {
+        "variant": variant, "top1": top1.mean, "top1_ci95": top1.half_width, "n": top1.n,
+        "top5": statistics.mean(r["top5"] for r in runs),
+        "throughput_images_per_s": statistics.median(r["throughput_images_per_s"] for r in runs),
+        **{k: first[k] for k in ("params", "macs", "flops", "epochs")},
+        "seeds": {str(r["seed"]): {"run_id": r["run_id"], "top1": r["top1"], "top5": r["top5"]} for r in runs},
+    }
     atomic_write_text(METRICS / f"{variant}.json", json.dumps(summary, indent=2))
-    RunRecord(f"{ckpt_dir}/run.json").finish()
-    print(f"{variant}: top-1 {results['top1']:.4f}, {counts.flops / 1e6:.1f} MFLOPs, {counts.params / 1e6:.3f} M params")
+    for r in runs:  # a later attempt of the stage retrains them
+        RunRecord(f"{checkpoint_dir(cfg, variant, r['seed'])}/run.json").mark_reported()
+    print(f"{variant}: top-1 {top1} over seeds {', '.join(str(r['seed']) for r in runs)}")
     return summary
 
 

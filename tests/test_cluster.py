@@ -125,7 +125,7 @@ def test_torchrun_nodes_with_their_own_checkpoint_folders_stop_at_once_naming_it
     elapsed = time.time() - started
     for proc, out in zip(launched.procs, outputs):
         assert proc.returncode != 0, out[-3000:]
-        assert "train.checkpoint_dir: checkpoints/conv is not shared: rank 1 on" in out, out[-3000:]
+        assert "train.checkpoint_dir: checkpoints/conv/seed-0 is not shared: rank 1 on" in out, out[-3000:]
     assert elapsed < 120, f"took {elapsed:.0f} s to fail"
     assert not mlflow_runs(folders[0]), "an MLflow run was created for a run that cannot train"
     assert not (folders[1] / "mlflow.db").exists(), "rank 1 touched the tracking store"
@@ -138,7 +138,7 @@ def test_torchrun_nodes_sharing_a_checkpoint_folder_stop_together_and_resume_tog
     shared = tmp_path / "shared-checkpoints"
     folders = node_folders(tmp_path, prepared_mnist, 2, {"num_nodes": 2, "strategy": "ddp", "checkpoint_dir": str(shared)})
     nodes = torchrun_nodes(launched, folders, free_port())
-    wait_for(lambda: (shared / "conv" / "last.ckpt").exists(), nodes, timeout=300, what="first checkpoint")
+    wait_for(lambda: (shared / "conv" / "seed-0" / "last.ckpt").exists(), nodes, timeout=300, what="first checkpoint")
     for proc in nodes:
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -152,12 +152,12 @@ def test_torchrun_nodes_sharing_a_checkpoint_folder_stop_together_and_resume_tog
     outputs = [finish(p, timeout=300) for p in again]
     for rank, (proc, out) in enumerate(zip(again, outputs)):
         assert proc.returncode == 0, out[-3000:]
-        assert f"rank {rank} of 2, MLflow run {killed.info.run_id}: resuming from {shared}/conv/last.ckpt" in out, out[-3000:]
+        assert f"rank {rank} of 2, MLflow run {killed.info.run_id}: resuming from {shared}/conv/seed-0/last.ckpt" in out, out[-3000:]
     (run,) = mlflow_runs(folders[0])
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_top1")]
     assert len(steps) == len(set(steps)) == EPOCHS, steps  # both ranks went on from the same epoch
-    assert json.loads((folders[0] / "metrics" / "conv.json").read_text())["run_id"] == run.info.run_id
+    assert json.loads((folders[0] / "metrics" / "conv.json").read_text())["seeds"]["0"]["run_id"] == run.info.run_id
     assert not (folders[1] / "mlflow.db").exists() and not (folders[1] / "metrics").exists()
 
 
@@ -165,7 +165,7 @@ def test_sigterm_to_one_rank_stops_both_at_once_and_the_rerun_resumes(tmp_path, 
     """Lightning's own launcher (devices: 2): the signal reaches rank 1 only."""
     (folder,) = node_folders(tmp_path, prepared_mnist, 1, {"devices": 2, "strategy": "ddp"})
     main = launched.start([sys.executable, *TRAIN], cwd=folder)
-    last = folder / "checkpoints" / "conv" / "last.ckpt"
+    last = folder / "checkpoints" / "conv" / "seed-0" / "last.ckpt"
     wait_for(lambda: last.exists(), [main], timeout=300, what="first checkpoint")
     (rank1,) = [p for p in psutil.Process(main.pid).children() if "pipeline.train" in " ".join(p.cmdline())]
     rank1.send_signal(signal.SIGTERM)
@@ -180,7 +180,7 @@ def test_sigterm_to_one_rank_stops_both_at_once_and_the_rerun_resumes(tmp_path, 
     again = launched.start([sys.executable, *TRAIN], cwd=folder)
     out = finish(again, timeout=300)
     assert again.returncode == 0, out[-3000:]
-    assert f"rank 1 of 2, MLflow run {killed.info.run_id}: resuming from checkpoints/conv/last.ckpt" in out
+    assert f"rank 1 of 2, MLflow run {killed.info.run_id}: resuming from checkpoints/conv/seed-0/last.ckpt" in out
     (run,) = mlflow_runs(folder)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
 
@@ -189,7 +189,7 @@ def test_srun_tasks_never_restore_a_stale_requeue_checkpoint(tmp_path, prepared_
     """Two tasks with the environment ``srun --ntasks 2`` gives them (no SLURM daemon here): Lightning's
     SLURM environment places them; an ``hpc_ckpt`` an older job left behind is not restored."""
     (folder,) = node_folders(tmp_path, prepared_mnist, 1, {"devices": 2, "strategy": "ddp", "epochs": 1})
-    stale = folder / "checkpoints" / "conv"
+    stale = folder / "checkpoints" / "conv" / "seed-0"
     stale.mkdir(parents=True)
     (stale / "hpc_ckpt_1.ckpt").write_bytes(b"a requeue checkpoint of an older attempt")
     (folder / "hpc_ckpt_1.ckpt").write_bytes(b"and one in the project folder")

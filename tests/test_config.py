@@ -8,14 +8,19 @@ from tests.conftest import REPO, write_params
 
 def test_the_projects_params_yaml_is_valid():
     cfg = load_config(REPO / "params.yaml")
-    assert set(cfg.models.variants) >= {"conv", "conv_stem_attention", "full_attention", "halo", "bot"}
-    assert cfg.models.resolved("halo").mixer_name == "halo" and cfg.models.resolved("bot").mixer_name == "bot"
+    assert {cfg.models.resolved(v).form_name for v in cfg.models.variants} == {"conv", "conv_stem_attention", "full_attention"}
+    # repeated runs, and trials that pool with the variants: the same recipe, every trial to the end
+    assert len(cfg.train.seeds) >= 3 and cfg.recipe(cfg.trial_train()) == cfg.recipe(cfg.train)
+    assert cfg.sweep.scheduler.type == "fifo"
     assert cfg.mlflow.tracking_uri.startswith("sqlite:///")
 
 
 BAD = [
     ({"train": {"epochs": 0}}, "train.epochs"),
     ({"train": {"lr": -0.1}}, "train.lr"),
+    ({"train": {"seeds": [0, 0]}}, "train.seeds: Value error, each seed once"),
+    ({"train": {"seeds": []}}, "train.seeds"),
+    ({"sweep": {"space": {"seed": [0, 1]}}}, "'seed' cannot be swept (every trial runs once per train.seeds)"),
     ({"train": {"batch_size": "big"}}, "train.batch_size"),
     ({"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key"),
     ({"data": {"source": "imagenet"}}, "data.source"),
@@ -71,5 +76,5 @@ def test_fingerprint_changes_only_with_the_variants_own_settings(tmp_path):
     params["mlflow"]["experiment"] = "elsewhere"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     after = load_config(tmp_path / "params.yaml")
-    assert before.fingerprint("conv") == after.fingerprint("conv")
-    assert before.fingerprint("attn") != after.fingerprint("attn")
+    assert before.fingerprint("conv", 0) == after.fingerprint("conv", 0)
+    assert before.fingerprint("attn", 0) != after.fingerprint("attn", 0)

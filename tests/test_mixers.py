@@ -103,7 +103,7 @@ def test_params_yaml_takes_a_mixer_per_variant_and_checks_its_options(tmp_path):
     variants = {"conv": {"form": "conv"}, "halo": {"form": "conv_stem_attention", "mixer": "halo", "mixer_args": {"block_size": 4, "halo": 1}}}
     write_params(tmp_path, {"models": {"variants": variants}})
     cfg = load_config(tmp_path / "params.yaml")
-    assert cfg.models.resolved("halo").mixer_name == "halo" and cfg.fingerprint("halo") != cfg.fingerprint("conv")
+    assert cfg.models.resolved("halo").mixer_name == "halo" and cfg.fingerprint("halo", 0) != cfg.fingerprint("conv", 0)
     variants["halo"]["mixer_args"] = {"block": 4}
     write_params(tmp_path, {"models": {"variants": variants}})
     with pytest.raises(ConfigError, match="models.variants.halo: mixer='halo' has no option 'block'"):

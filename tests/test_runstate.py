@@ -23,7 +23,9 @@ def test_records_round_trip_on_a_local_folder_and_behind_a_url(tmp_path):
         assert record.read() is None
         fsspec.core.url_to_fs(where)[0].makedirs(where.rsplit("/", 1)[0], exist_ok=True)
         record.write({"fingerprint": "f", "run_id": "r"})
-        record.finish()
-        assert record.read() == {"fingerprint": "f", "run_id": "r", "finished": True}
+        record.finish({"top1": 0.9})
+        assert record.read() == {"fingerprint": "f", "run_id": "r", "finished": True, "result": {"top1": 0.9}}
+        record.mark_reported()
+        assert record.read()["reported"] is True
     assert json.loads((tmp_path / "ck" / "run.json").read_text())["finished"] is True
     assert not list((tmp_path / "ck").glob(".*tmp"))  # written by rename, nothing left beside it

@@ -32,7 +32,7 @@ def test_train_tracks_every_metric_param_tag_and_the_best_checkpoint(workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((workdir / "metrics" / "conv.json").read_text())
     (run,) = _runs(workdir)
-    assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
+    assert run.info.status == "FINISHED" and run.info.run_id == summary["seeds"]["0"]["run_id"]
     metrics = run.data.metrics
     for name in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "train_images_per_s",
                  "top1", "top5", "params", "macs", "flops", "throughput_images_per_s"):
@@ -60,7 +60,7 @@ def test_ddp_two_cpu_processes(workdir):
 
 def _final_state(folder):
     """Weights, optimizer state and every per-epoch metric of the variant's finished run."""
-    ckpt = torch.load(folder / "checkpoints" / "conv" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(folder / "checkpoints" / "conv" / "seed-0" / "last.ckpt", map_location="cpu", weights_only=True)
     (run,) = [r for r in _runs(folder) if r.info.status == "FINISHED"]
     client = mlflow.MlflowClient()
     # A kill after an epoch's metrics reached MLflow but before its checkpoint did makes the resumed
@@ -80,7 +80,7 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bit_identical_to_an_uninterrup
 
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--variant", "conv"], cwd=workdir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = workdir / "checkpoints" / "conv" / "last.ckpt"
+    last = workdir / "checkpoints" / "conv" / "seed-0" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -110,20 +110,25 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bit_identical_to_an_uninterrup
     assert (summary["top1"], summary["top5"]) == (ref_summary["top1"], ref_summary["top5"])
 
 
-def test_sigterm_marks_the_run_killed_and_the_rerun_finishes_it(workdir):
-    write_params(workdir, {"train": {"epochs": 3, "limit_train_batches": 12}})
+def _sigterm_once_written(workdir, path):
+    """Start the train stage, SIGTERM it as soon as ``path`` exists; the process and its stderr."""
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--variant", "conv"], cwd=workdir,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last = workdir / "checkpoints" / "conv" / "last.ckpt"
     deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
+    return proc, err
+
+
+def test_sigterm_marks_the_run_killed_and_the_rerun_finishes_it(workdir):
+    write_params(workdir, {"train": {"epochs": 3, "limit_train_batches": 12}})
+    proc, err = _sigterm_once_written(workdir, workdir / "checkpoints" / "conv" / "seed-0" / "last.ckpt")
     assert proc.returncode == 130 and "interrupted" in err, err[-3000:]
     (killed,) = _runs(workdir)
     assert killed.info.status == "KILLED"
-    assert not list((workdir / "checkpoints" / "conv").glob("*.tmp"))
+    assert not list((workdir / "checkpoints" / "conv" / "seed-0").glob("*.tmp"))
     again = run_module("pipeline.train", "--variant", "conv", cwd=workdir)
     assert again.returncode == 0, again.stderr[-3000:]
     (run,) = _runs(workdir)
@@ -144,7 +149,7 @@ def test_a_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good
     write_params(workdir, {"train": {"epochs": 3}})
     real_build = module.build_trainer
     monkeypatch.setattr(train, "build_trainer", lambda cfg, **kw: real_build(cfg, **{**kw, "callbacks": [*kw["callbacks"], _NanAtSecondEpoch()]}))
-    last = workdir / "checkpoints" / "conv" / "last.ckpt"
+    last = workdir / "checkpoints" / "conv" / "seed-0" / "last.ckpt"
     saved = {}
     monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", _recording(TorchCheckpointIO.save_checkpoint, saved))
     with pytest.raises(SystemExit) as exit_info:
@@ -182,9 +187,9 @@ def test_checkpoints_behind_an_fsspec_url(workdir):
     write_params(workdir, {"train": {"checkpoint_dir": "memory://ckpts"}, "mlflow": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db"}})
     fs = fsspec.filesystem("memory")
     summary = train(load_config("params.yaml"), "conv")
-    assert fs.exists("/ckpts/conv/last.ckpt") and fs.exists("/ckpts/conv/best.ckpt")
-    record = json.loads(fs.cat_file("/ckpts/conv/run.json"))
-    assert record["run_id"] == summary["run_id"] and record["finished"] is True
+    assert fs.exists("/ckpts/conv/seed-0/last.ckpt") and fs.exists("/ckpts/conv/seed-0/best.ckpt")
+    record = json.loads(fs.cat_file("/ckpts/conv/seed-0/run.json"))
+    assert record["run_id"] == summary["seeds"]["0"]["run_id"] and record["finished"] is True
     assert not (workdir / "checkpoints").exists()
     (run,) = _runs(workdir)
     assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
@@ -211,7 +216,7 @@ def test_rerun_after_a_finished_run_trains_afresh(workdir):
 
 def test_interrupted_run_missing_from_the_store_starts_a_new_run(workdir):
     assert run_module("pipeline.train", "--variant", "conv", cwd=workdir).returncode == 0
-    state_file = workdir / "checkpoints" / "conv" / "run.json"
+    state_file = workdir / "checkpoints" / "conv" / "seed-0" / "run.json"
     state = json.loads(state_file.read_text())
     state.pop("finished")  # as if killed before the end
     state_file.write_text(json.dumps(state))
@@ -243,3 +248,30 @@ def test_compile_option_runs_the_attention_model_compiled():
     assert set(module.state_dict()) == model_keys
     eager = Classifier(arch, num_classes=10, in_chans=1, train=TINY["train"])
     assert set(eager.state_dict()) == model_keys
+
+
+def test_seeds_train_in_turn_and_an_interrupted_stage_keeps_the_seeds_it_finished(workdir):
+    from pipeline.stats import estimate
+
+    write_params(workdir, {"train": {"seeds": [0, 1], "epochs": 2, "limit_train_batches": 12}})
+    proc, err = _sigterm_once_written(workdir, workdir / "checkpoints" / "conv" / "seed-1" / "last.ckpt")
+    assert proc.returncode == 130, err[-3000:]
+    statuses = {r.data.tags["sasa.seed"]: r.info.status for r in _runs(workdir)}
+    assert statuses == {"0": "FINISHED", "1": "KILLED"}
+
+    again = run_module("pipeline.train", "--variant", "conv", cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train@conv seed 0: finished before the stage was interrupted" in again.stdout
+    assert "train@conv seed 1: rank 0 of 1, MLflow run" in again.stdout and "resuming from" in again.stdout
+    runs = _runs(workdir)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    summary = json.loads((workdir / "metrics" / "conv.json").read_text())
+    top1 = {r.data.tags["sasa.seed"]: r.data.metrics["top1"] for r in runs}
+    assert {s: v["top1"] for s, v in summary["seeds"].items()} == top1
+    e = estimate(list(top1.values()))
+    assert (summary["top1"], summary["top1_ci95"], summary["n"]) == (e.mean, e.half_width, 2)
+
+    # the stage finished: a later run (DVC after a code change) retrains every seed
+    third = run_module("pipeline.train", "--variant", "conv", cwd=workdir)
+    assert third.returncode == 0 and "finished before the stage was interrupted" not in third.stdout
+    assert len(_runs(workdir)) == 4
