@@ -30,3 +30,9 @@ TABLE3 = {
     (1, 2): (7.8, 25.0, 79.6),
     (1, 2, 3): (7.2, 22.7, 79.9),
 }
+
+# ResNet-50, held-out split: positional encoding -> (GFLOPs, top-1); the paper gives no params here
+TABLE5 = {"none": (6.9, 77.6), "absolute": (6.9, 78.2), "relative": (7.0, 80.2)}
+
+# Stem ablation, ResNet-50 with attention in every group: stem (sasa.layers.STEMS) -> top-1
+STEM_ABLATION = {"attention_plain": 76.2, "attention_conv_values": 77.2, "attention": 77.6}

@@ -33,18 +33,19 @@ def test_repro_status_rerun_and_report(project):
         assert f"Running stage '{stage}'" in first.stdout
 
     rows = list(csv.DictReader((project / "reports" / "results.csv").open()))
-    assert sorted(r["variant"] for r in rows) == ["attn", "bot", "conv"]
-    assert {r["variant"]: r["kind"] for r in rows} == {"attn": "full_attention", "bot": "bot", "conv": "conv"}  # plot markers
+    # one row per configuration; the sweep's k = 3 trial trained the conv variant's network with its recipe
+    assert sorted(r["configuration"] for r in rows) == ["attn", "bot", "conv, sweep tiny"]
+    assert {r["configuration"]: r["kind"] for r in rows} == {"attn": "full_attention", "bot": "bot", "conv, sweep tiny": "conv"}
     md = (project / "reports" / "results.md").read_text()
-    assert "| conv | ours: conv |" in md and "| | paper | 4.7 G / 13.7 M / 74.5 |" in md and "| full attention | ours: attn |" in md
-    assert "| bot | resnet26 | conv | bot (4) |" in md and "ours: bot" not in md  # not one of the paper's forms
-    assert "| conv | resnet26 | conv | - |" in md and "| attn | resnet26 | full_attention | sasa (1, 2, 3, 4) |" in md
-    assert "## Sweep: spatial extent and stem" in md and "| 6.6 / 18.0 / 76.4 |" in md  # k = 3 beside the paper
+    assert "## Table 1: depth and form" in md and "| 4.7 / 13.7 / 74.5 |" in md and "| full attention | ResNet-26 |" in md
+    assert "| bot | resnet26 | conv | bot (4) |" in md and "| attn | resnet26 | attention | sasa (1, 2, 3, 4) |" in md
+    assert "## Sweep trials" in md and "- *Table 4: spatial extent k*: no runs differ" in md
     for png in ("accuracy_vs_flops.png", "accuracy_vs_params.png", "sweep_accuracy_vs_flops.png"):
         assert Image.open(project / "reports" / png).size[0] > 300
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
-    assert {r.info.run_id for r in runs if r.data.tags["sasa.kind"] == "train"} == {r["run_id"] for r in rows}
+    reported = {run_id for r in rows for run_id in r["run_ids"].split()}
+    assert reported <= {r.info.run_id for r in runs if r.data.tags["sasa.kind"] in ("train", "sweep_trial")} and len(reported) == 3
     (trial,) = list(csv.DictReader((project / "sweep" / "results.csv").open()))
     assert trial["mlflow_run_id"] in {r.info.run_id for r in runs if r.data.tags["sasa.kind"] == "sweep_trial"}
 
