@@ -1,26 +1,73 @@
 """The ready params files under configs/ are valid (every variant and sweep architecture builds)
 and say what the paper did; the recipe's knobs do what they say in a real Trainer."""
-from pathlib import Path
-
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from pipeline.config import DataConfig, TrainConfig, load_config
+from pipeline import preset
+from pipeline.config import DataConfig, TrainConfig, load_config, validate
 from pipeline.data import PreparedDataModule
 from pipeline.module import Classifier, build_trainer
-from tests.conftest import TINY
+from sasa.paper import STEM_ABLATION, TABLE3, TABLE4, TABLE5
+from tests.conftest import REPO, TINY, run_module
 
-PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _load(name):
+    return validate(preset.resolve(REPO / "configs" / name), name)
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_every_preset_loads_and_builds(path):
-    load_config(path)
+    validate(preset.resolve(path), path.name)
+
+
+def _swept_and_base(cfg, key):
+    """The values a preset's sweep and its base variant together give ``key`` (the report pools them)."""
+    base = cfg.models.resolved(cfg.sweep.base).build(num_classes=10, in_chans=3).config[key]
+    return {tuple(v) if isinstance(v, list) else v for v in [*cfg.sweep.space[key], base]}
+
+
+def test_the_table_presets_cover_the_papers_rows_and_run_every_trial_to_the_end():
+    cfg = _load("imagenet.yaml")
+    assert _swept_and_base(cfg, "kernel_size") == set(TABLE4) and cfg.sweep.scheduler.type == "fifo"
+    groups = _swept_and_base(_load("table3.yaml"), "attention_groups") | {()}  # [] is the conv variant
+    assert groups == set(TABLE3)
+    assert _swept_and_base(_load("table5.yaml"), "pos_enc") == set(TABLE5)
+    assert _swept_and_base(_load("stem_ablation.yaml"), "stem") >= set(STEM_ABLATION)
+    for name in ("table3.yaml", "table5.yaml", "stem_ablation.yaml"):
+        cfg = _load(name)
+        assert cfg.sweep.scheduler.type == "fifo" and cfg.train == _load("imagenet.yaml").train, name
+        assert cfg.recipe(cfg.trial_train()) == cfg.recipe(cfg.train)  # trials pool with the variants
+
+
+def test_the_cpu_study_repeats_every_ablation_over_five_seeds():
+    cfg = _load("cpu_study.yaml")
+    assert len(cfg.train.seeds) == 5 and cfg.data.source == "mnist5k" and cfg.train.accelerator == "cpu"
+    archs = [cfg.models.resolved(v).build(num_classes=10, in_chans=1).config for v in cfg.models.variants]
+    assert {a["stem"] for a in archs} >= set(STEM_ABLATION) and {a["pos_enc"] for a in archs} == set(TABLE5)
+    assert len({a["attention_groups"] for a in archs if a["mixer"] == "sasa"}) >= 3
+    assert _swept_and_base(cfg, "kernel_size") == {3, 5, 7}
+
+
+def test_applying_a_preset_writes_a_valid_params_file_and_a_bad_one_changes_nothing(tmp_path):
+    out = tmp_path / "params.yaml"
+    ok = run_module("pipeline.preset", str(REPO / "configs" / "table5.yaml"), "--out", str(out), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    cfg = load_config(out)
+    assert cfg.sweep.space == {"pos_enc": ["none", "absolute"]} and len(cfg.models.variants) == 9  # imagenet.yaml's
+    (tmp_path / "bad.yaml").write_text("extends: " + str(REPO / "configs" / "imagenet.yaml") + "\ntrain: {epochs: 0}\n")
+    before = out.read_text()
+    bad = run_module("pipeline.preset", str(tmp_path / "bad.yaml"), "--out", str(out), cwd=tmp_path)
+    assert bad.returncode == 2 and "train.epochs" in bad.stderr and "is unchanged" in bad.stderr
+    assert out.read_text() == before
+    missing = run_module("pipeline.preset", "configs/nope.yaml", "--out", str(out), cwd=tmp_path)
+    assert missing.returncode == 2 and "configs/nope.yaml: no such preset" in missing.stderr
 
 
 def test_the_imagenet_preset_is_the_papers_recipe_and_table1():
-    cfg = load_config(PRESETS[[p.name for p in PRESETS].index("imagenet.yaml")])
+    cfg = _load("imagenet.yaml")
     t = cfg.train
     global_batch = t.batch_size * t.devices * t.num_nodes
     assert t.lr * global_batch / t.lr_reference_batch == pytest.approx(1.6) and global_batch == 4096
@@ -28,7 +75,6 @@ def test_the_imagenet_preset_is_the_papers_recipe_and_table1():
     assert (t.ema_decay, t.bn_decay, t.sync_batchnorm, cfg.data.resolution) == (0.9999, 0.9999, True, 224)
     table1 = {(a.model_name, a.form_name) for a in (cfg.models.resolved(v) for v in cfg.models.variants)}
     assert table1 == {(m, f) for m in ("resnet26", "resnet38", "resnet50") for f in ("conv", "conv_stem_attention", "full_attention")}
-    assert cfg.sweep.space == {"kernel_size": [3, 5, 7, 9, 11]} and cfg.sweep.scheduler.type == "fifo"
 
 
 class _RecordLr(pl.Callback):
