@@ -216,7 +216,7 @@ class MlflowTrials(tune.Callback):
         does: the report pools it with variants of the same architecture and recipe. An ASHA-stopped
         trial trained less, so it gets none and stays out of the report's tables."""
         run_id, last = self.run_id(trial), trial.last_result or {}
-        if last.get("epoch") == self.cfg.trial_train().epochs:
+        if last.get("epoch") == split_trial_config(self.cfg, trial.config)[1].epochs:
             self.client.log_batch(run_id, metrics=[Metric(k, float(last[f"val_{k}"]), int(time.time() * 1000), last["epoch"])
                                                    for k in ("top1", "top5") if f"val_{k}" in last])
         self.client.set_terminated(run_id, "FINISHED")
@@ -384,13 +384,13 @@ def _tuner(cfg: Config, state: dict, callback: MlflowTrials) -> tune.Tuner:
 def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
     """One row per trial: its swept values, counts, last epoch's metrics (and best epoch's top-1),
     epochs run (an ASHA-stopped trial's last epoch is the one it was stopped at), node."""
-    rows, epochs = [], cfg.trial_train().epochs
+    rows = []
     for result in results:
         history = result.metrics_dataframe
         if history is None or history.empty:
             continue
         last = history.iloc[-1]
-        arch, _ = split_trial_config(cfg, result.config)
+        arch, train = split_trial_config(cfg, result.config)
         resolved = arch.build(num_classes=10, in_chans=3).config  # the model's defaults filled in
         row = {"trial_id": last["trial_id"]}
         row.update({k: json.dumps(v) if isinstance(v, list) else v for k, v in result.config.items()})
@@ -399,7 +399,7 @@ def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
             "params": int(last["params"]), "mflops": last["flops"] / 1e6,
             # top-1 is the last epoch's everywhere (what the paper reports); the best epoch's is labelled
             "top1": 100 * last["val_top1"], "val_loss": last["val_loss"], "best_epoch_top1": 100 * history["val_top1"].max(),
-            "epochs": int(last["epoch"]), "stopped_early": int(last["epoch"]) < epochs,
+            "epochs": int(last["epoch"]), "stopped_early": int(last["epoch"]) < train.epochs,
             "node_ip": last["node_ip"], "node_id": last["node_id"], "mlflow_run_id": callback.run_id_of(last["trial_id"]),
         })
         rows.append(row)

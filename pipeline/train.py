@@ -20,6 +20,7 @@ import json
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -41,6 +42,9 @@ from pipeline.stats import estimate
 from pipeline.tracking import experiment_id, flatten, resolved_params, run_identity, source_tags, tracking_uri
 
 METRICS = Path("metrics")
+# The seed's checkpoint folder holds its resume record (run.json) before the first checkpoint, and
+# anything older was removed by the resume decision: Lightning's warning about a non-empty folder is noise.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class Throughput(pl.Callback):
@@ -197,7 +201,7 @@ def _summarise(cfg: Config, variant: str, runs: list[dict]) -> dict:
     atomic_write_text(METRICS / f"{variant}.json", json.dumps(summary, indent=2))
     for r in runs:  # a later attempt of the stage retrains them
         RunRecord(f"{checkpoint_dir(cfg, variant, r['seed'])}/run.json").mark_reported()
-    print(f"{variant}: top-1 {top1} over seeds {', '.join(str(r['seed']) for r in runs)}")
+    print(f"{variant}: top-1 % {estimate([100 * r['top1'] for r in runs])} over seeds {', '.join(str(r['seed']) for r in runs)}")
     return summary
 
 

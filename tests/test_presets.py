@@ -1,5 +1,7 @@
 """The ready params files under configs/ are valid (every variant and sweep architecture builds)
 and say what the paper did; the recipe's knobs do what they say in a real Trainer."""
+import functools
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -14,13 +16,15 @@ from tests.conftest import REPO, TINY, run_module
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 
+@functools.cache
 def _load(name):
+    """A preset resolved and validated: every variant and sweep architecture built (once per session)."""
     return validate(preset.resolve(REPO / "configs" / name), name)
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_every_preset_loads_and_builds(path):
-    validate(preset.resolve(path), path.name)
+    _load(path.name)
 
 
 def _swept_and_base(cfg, key):
