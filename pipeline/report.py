@@ -370,6 +370,7 @@ def plot(configs: list[Configuration], x_of, x_label, label_points) -> bytes:
     if label_points:
         for c in configs:
             ax.annotate(c.label(), (x_of(c), c.estimate().mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.margins(x=0.12)  # room for the labels of the rightmost points
     ns = sorted({c.estimate().n for c in configs})
     ax.set_title(f"mean and 95% interval over seeds (n = {', '.join(map(str, ns))})", fontsize=9)
     ax.set_xlabel(x_label)

@@ -21,8 +21,13 @@ def test_sigterm_takes_the_ctrl_c_path_and_exits_130(tmp_path, capsys):
             cleaned.append(True)  # finally blocks run: temporary outputs are removed
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as exit_info:
-        run_stage("test", body, argv=["--params", str(tmp_path / "params.yaml")])
+    # Python's own Ctrl-C handler, as in a fresh stage process (not whatever an earlier in-process test left)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_stage("test", body, argv=["--params", str(tmp_path / "params.yaml")])
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     assert exit_info.value.code == 130 and cleaned == [True]
     assert "interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before

@@ -253,7 +253,7 @@ def test_compile_option_runs_the_attention_model_compiled():
 def test_seeds_train_in_turn_and_an_interrupted_stage_keeps_the_seeds_it_finished(workdir):
     from pipeline.stats import estimate
 
-    write_params(workdir, {"train": {"seeds": [0, 1], "epochs": 2, "limit_train_batches": 12}})
+    write_params(workdir, {"train": {"seeds": [0, 1], "epochs": 2, "limit_train_batches": 6}})
     proc, err = _sigterm_once_written(workdir, workdir / "checkpoints" / "conv" / "seed-1" / "last.ckpt")
     assert proc.returncode == 130, err[-3000:]
     statuses = {r.data.tags["sasa.seed"]: r.info.status for r in _runs(workdir)}
