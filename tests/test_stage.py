@@ -1,5 +1,4 @@
 """What every stage shares: SIGTERM ends a stage like Ctrl-C, and outputs appear whole or not at all."""
-import os
 import signal
 import threading
 import time
