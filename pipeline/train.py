@@ -137,7 +137,10 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
 
     throughput = Throughput()
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1, save_last=True),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1),
+        # every epoch, replaced: Lightning's save_last follows the monitored checkpoint, so it would
+        # stay at the last improving epoch, and a resume would repeat the epochs after it
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
         throughput,
         StopAtBatchEnd(),
     ]
