@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 import sasa
+from pipeline.locations import redact
 
 
 class ConfigError(Exception):
@@ -151,22 +152,41 @@ class TrainConfig(_Section):
         return self
 
 
-# where and how visibly a run trains, not what it computes: left out of the fingerprints
-RUNTIME_TRAIN_KEYS = {"progress_bar", "checkpoint_dir"}
+# Where and how visibly runs train, not what they compute: left out of every fingerprint and of the
+# stages' DVC params (dvc.yaml), so changing one re-runs nothing. The report reads mlflow.*.
+RUNTIME_KEYS = frozenset({
+    "data.num_workers", "train.progress_bar", "train.checkpoint_dir", "mlflow.tracking_uri", "mlflow.experiment",
+    "sweep.address", "sweep.storage_path", "sweep.max_concurrent_trials", "sweep.resources.cpu", "sweep.max_failures",
+})
+
+
+def runtime_keys(section: str) -> set[str]:
+    """The run-time keys directly in one section (``data`` -> {"num_workers"})."""
+    return {key.split(".", 1)[1] for key in RUNTIME_KEYS if key.startswith(f"{section}.") and key.count(".") == 1}
+
+
+RUNTIME_TRAIN_KEYS = runtime_keys("train")
 # a run's recipe: everything in train but these (a run has one seed of the list)
 NOT_RECIPE_KEYS = RUNTIME_TRAIN_KEYS | {"seeds"}
 
 
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")  # SQLAlchemy dialects and servers
+
+
 class MlflowConfig(_Section):
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "sasa"
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="sqlite:///FILE, another SQLAlchemy database URI or http(s)://SERVER")
+    experiment: str = Field("sasa", min_length=1)
 
     @field_validator("tracking_uri")
     @classmethod
     def _supported_store(cls, v):
-        if not v.startswith(("sqlite:///", "http://", "https://", "databricks")):
-            raise ValueError("use a sqlite:///FILE or http(s)://SERVER tracking URI (MLflow 3 refuses the ./mlruns file store)")
-        return v
+        scheme = v.split("://", 1)[0].split("+", 1)[0] if "://" in v else ""
+        if v == "databricks" or (scheme in TRACKING_SCHEMES and (scheme != "sqlite" or v.startswith("sqlite:///"))):
+            return v
+        raise ValueError(
+            "use a database URI (sqlite:///FILE, postgresql://, mysql://, mssql://, with an optional +driver) or an MLflow "
+            "server (http(s)://HOST:PORT, databricks); a folder path or file:// URI would be MLflow's file store, which MLflow 3 refuses"
+        )
 
 
 class ReportConfig(_Section):
@@ -278,6 +298,14 @@ class Config(_Section):
             raise ValueError(f"sweep.scheduler.grace_period={self.sweep.scheduler.grace_period} exceeds the trials' {epochs} epochs")
         return self
 
+    def params_file(self) -> dict:
+        """The parameters as a complete ``params.yaml``: every key present (``dvc.yaml`` tracks keys
+        one by one, and DVC stops on a missing one); unset architecture keys left out (``models.*``
+        are tracked whole)."""
+        params = self.model_dump()
+        params["models"] = self.models.model_dump(exclude_none=True)
+        return params
+
     def trial_train(self, overrides: dict | None = None) -> TrainConfig:
         """The train section with ``sweep.train`` and then a trial's own values applied, re-validated."""
         return TrainConfig.model_validate({**self.train.model_dump(), **self.sweep.train, **(overrides or {})})
@@ -290,7 +318,7 @@ class Config(_Section):
         payload = {
             "base": self.models.resolved(self.sweep.base).model_dump(),
             "train": self.trial_train().model_dump(exclude=RUNTIME_TRAIN_KEYS),
-            "data": self.data.model_dump(exclude={"num_workers"}),
+            "data": self.data.model_dump(exclude=runtime_keys("data")),
             "sweep": self.sweep.model_dump(exclude={"address", "storage_path", "max_concurrent_trials", "resources", "max_failures"}),
         }
         return _hash(payload)
@@ -298,7 +326,7 @@ class Config(_Section):
     def recipe(self, train: TrainConfig) -> str:
         """Hash of how a run trains (data and train, not the seed): runs of one recipe are comparable,
         whatever their architecture and whichever stage trained them."""
-        return _hash({"train": train.model_dump(exclude=NOT_RECIPE_KEYS), "data": self.data.model_dump(exclude={"num_workers"})})
+        return _hash({"train": train.model_dump(exclude=NOT_RECIPE_KEYS), "data": self.data.model_dump(exclude=runtime_keys("data"))})
 
     def fingerprint(self, variant: str, seed: int) -> str:
         """Hash of everything that determines one training run of a variant (not where it is tracked)."""
@@ -313,7 +341,8 @@ def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"])
-        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        value = redact(e["input"]) if isinstance(e["input"], str) else e["input"]  # a URI's password stays out of logs
+        got = "" if e["type"] == "missing" else f" (got {value!r})"
         msg = "unknown key; remove it or check its spelling" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {path}: {msg}{got}")
     return "\n".join(lines)

@@ -84,11 +84,13 @@ class StopAtBatchEnd(pl.Callback):
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, arch: dict, num_classes: int, in_chans: int, train: dict):
+    def __init__(self, arch: dict, num_classes: int, in_chans: int, train: dict, resolution: int):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # in checkpoints; runs get the project's own params (pipeline.tracking)
         self.train_cfg = TrainConfig(**train)
         self.model = ArchConfig(**arch).build(num_classes=num_classes, in_chans=in_chans)
+        # one image: Lightning's model summary counts its FLOPs with the counter sasa.count uses
+        self.example_input_array = torch.zeros(1, in_chans, resolution, resolution)
         self.memory_format = torch.channels_last if self.train_cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         if self.train_cfg.bn_decay is not None:  # PyTorch's momentum is the weight of the new batch
@@ -193,6 +195,6 @@ def build_run(data: DataConfig, arch: ArchConfig, train: TrainConfig, seed: int,
     Ray trial); checks ``prepared`` before anything is built."""
     pl.seed_everything(seed, workers=True)
     datamodule = PreparedDataModule(data, train.batch_size, prepared, seed=seed)
-    module = Classifier(arch.model_dump(), datamodule.num_classes, datamodule.in_chans, train.model_dump())
+    module = Classifier(arch.model_dump(), datamodule.num_classes, datamodule.in_chans, train.model_dump(), data.resolution)
     counts = sasa.count(module.model, (datamodule.in_chans, data.resolution, data.resolution))
     return Run(datamodule, module, counts)

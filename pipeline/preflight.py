@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.locations import redact
 from pipeline.tracking import tracking_uri
 
 TRACKING_TIMEOUT_S = 3
@@ -22,8 +23,10 @@ def _tracking_key() -> str:
 
 
 def tracking(cfg: Config):
-    """A server answers within a few seconds; a SQLite file can be created where it is meant to be."""
+    """A server answers within a few seconds; a SQLite file can be created where it is meant to be;
+    another database's driver is installed. Messages show the URI without its credentials."""
     uri = tracking_uri(cfg)
+    shown = f"{_tracking_key()}={redact(uri)}"
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=TRACKING_TIMEOUT_S).close()
@@ -32,13 +35,21 @@ def tracking(cfg: Config):
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise ConfigError(
-                f"{_tracking_key()}={uri}: no MLflow server answered within {TRACKING_TIMEOUT_S} s ({reason}); start one "
+                f"{shown}: no MLflow server answered within {TRACKING_TIMEOUT_S} s ({reason}); start one "
                 f"(mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db) or use sqlite:///mlflow.db"
             ) from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).expanduser().absolute().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ConfigError(f"{_tracking_key()}={uri}: the folder {folder} does not exist or is not writable")
+            raise ConfigError(f"{shown}: the folder {folder} does not exist or is not writable")
+    elif "://" in uri:  # postgresql://, mysql+pymysql://, ...: SQLAlchemy loads the driver before connecting
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import NoSuchModuleError
+
+        try:
+            make_url(uri).get_dialect().import_dbapi()
+        except (ImportError, NoSuchModuleError) as err:
+            raise ConfigError(f"{shown}: its database driver is not installed ({err}); pip install it into this environment") from None
 
 
 def devices(train: TrainConfig, key: str = "train"):

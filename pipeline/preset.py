@@ -51,10 +51,12 @@ def resolve(path: str | Path, _seen: tuple = ()) -> dict:
 
 
 def apply(preset: str | Path, out: str | Path = "params.yaml") -> Config:
-    """Validate the preset's full params (every variant and sweep architecture built) and write them to ``out``."""
+    """Validate the preset's full params (every variant and sweep architecture built) and write them to
+    ``out``, every key spelled out."""
     params = resolve(preset)
     cfg = validate(params, f"{preset} (with what it extends)")
-    text = f"# Written by `python -m pipeline.preset {preset}`; edit it, or apply another preset.\n" + yaml.safe_dump(params, sort_keys=False)
+    text = f"# Written by `python -m pipeline.preset {preset}`; edit it, or apply another preset.\n"
+    text += yaml.safe_dump(cfg.params_file(), sort_keys=False)
     atomic_write_text(out, text)
     return cfg
 

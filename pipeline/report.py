@@ -18,7 +18,9 @@ epoch's everywhere, as in the paper.
 - ``accuracy_vs_flops.png`` / ``accuracy_vs_params.png``: every configuration, mean and 95%
   interval as error bars, one marker per form or attention mixer, the Pareto front of the means;
 - ``sweep_accuracy_vs_flops.png``: the sweep's configurations, coloured by k, marked by stem;
-- ``results.csv``: one row per configuration, for ``dvc plots``.
+- ``results.csv``: one row per configuration, for ``dvc plots``;
+- ``metrics.json``: top-1 (mean, interval, n) and MFLOPs per variant and sweep configuration, the
+  DVC metrics file ``dvc exp show`` and ``dvc metrics diff`` compare.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from pipeline import preflight
 from pipeline.config import Config
 from pipeline.stage import StageError, atomic_dir, csv_text, run_stage
 from pipeline.stats import Comparison, Estimate, compare, estimate
+from pipeline.locations import redact
 from pipeline.tracking import tracking_uri
 from sasa.models import FORMS
 from sasa.paper import STEM_ABLATION, TABLE1, TABLE3, TABLE4, TABLE5
@@ -63,7 +66,8 @@ class Configuration:
     params: int
     mflops: float
     runs: dict[int, dict] = field(default_factory=dict)  # seed -> its latest run
-    names: set[str] = field(default_factory=set)  # the variants and sweeps that trained it
+    names: set[str] = field(default_factory=set)  # the variants and sweep points that trained it
+    trials: set[tuple[str, str]] = field(default_factory=set)  # (sweep, swept values) of its trials
 
     @property
     def attends(self) -> bool:
@@ -106,13 +110,19 @@ def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> lis
 
 
 def _row(run) -> dict:
+    """One run as the report needs it (runs logged before ``num_params`` have ``params``)."""
     m, tags = run.data.metrics, run.data.tags
     arch = {k.split("/", 1)[1]: json.loads(v) for k, v in run.data.params.items() if k.startswith("resolved/")}
     arch["attention_groups"] = tuple(arch["attention_groups"])
-    name = tags.get("sasa.variant") or f"sweep {tags.get('sasa.sweep', '?')}"
+    sweep, values = tags.get("sasa.sweep", "?"), tags.get("sasa.trial_values")
+    if "sasa.variant" in tags:
+        name = tags["sasa.variant"]
+    else:  # a trial, by its sweep and swept values (trials logged before those were tagged: the sweep alone)
+        name = f"{sweep} {values}" if values else f"sweep {sweep}"
     return {
         "run_id": run.info.run_id, "kind": tags["sasa.kind"], "name": name, "seed": int(tags["sasa.seed"]),
-        "arch_hash": tags["sasa.arch"], "arch": arch, "params": int(m["params"]), "mflops": m["flops"] / 1e6,
+        "trial": (sweep, values) if values else None,
+        "arch_hash": tags["sasa.arch"], "arch": arch, "params": int(m.get("num_params", m.get("params"))), "mflops": m["flops"] / 1e6,
         "top1": 100 * m["top1"], "top5": 100 * m.get("top5", math.nan),
         "images_per_s": m.get("throughput_images_per_s", math.nan), "start_time": run.info.start_time,
     }
@@ -124,7 +134,7 @@ def load_runs(cfg: Config) -> tuple[dict[str, list[dict]], list[Configuration]]:
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     if experiment is None:
-        raise StageError(f"no MLflow experiment {cfg.mlflow.experiment!r} at {tracking_uri(cfg)}: run the train stage first")
+        raise StageError(f"no MLflow experiment {cfg.mlflow.experiment!r} at {redact(tracking_uri(cfg))}: run the train stage first")
     exp_id = experiment.experiment_id
     variants, missing = {}, []
     for variant in cfg.models.variants:
@@ -151,6 +161,8 @@ def load_runs(cfg: Config) -> tuple[dict[str, list[dict]], list[Configuration]]:
             row = _row(run)
             c = configs.setdefault((recipe, row["arch_hash"]), Configuration(row["arch"], row["params"], row["mflops"]))
             c.names.add(row["name"])
+            if row["trial"]:
+                c.trials.add(row["trial"])
             if row["seed"] not in c.runs or row["start_time"] > c.runs[row["seed"]]["start_time"]:
                 c.runs[row["seed"]] = row
     return variants, sorted(configs.values(), key=lambda c: c.mflops)
@@ -455,7 +467,7 @@ def markdown(cfg: Config, variants, configs, sweep_rows) -> tuple[str, list[Comp
         "# Results",
         "",
         f"Dataset `{cfg.data.source}` at {cfg.data.resolution} px, {cfg.train.epochs} epochs, seeds {cfg.train.seeds}; runs read "
-        f"from MLflow (`{tracking_uri(cfg)}`, experiment `{cfg.mlflow.experiment}`), {len(configs)} configurations from "
+        f"from MLflow (`{redact(tracking_uri(cfg))}`, experiment `{cfg.mlflow.experiment}`), {len(configs)} configurations from "
         f"{sum(len(c.runs) for c in configs)} runs. FLOPs = 2 x multiply-adds per image at the training resolution. Top-1 is the "
         "last epoch's. Each cell: mean ± half-width of the 95% t-interval over seeds (n runs). A difference from a baseline is "
         "*resolved* when its test gives p < 0.05: a paired t-test over the seeds both share, else Welch's t-test; each row is "
@@ -482,6 +494,23 @@ def csv_rows(configs: list[Configuration]) -> list[dict]:
     return rows
 
 
+def metrics_summary(cfg: Config, variants: dict[str, list[dict]], configs: list[Configuration]) -> dict:
+    """``metrics.json``, what ``dvc exp show`` / ``dvc metrics diff`` compare: each current variant,
+    and each configuration of the current sweep (``NAME[kernel_size=5]``), as top-1 % (mean), its
+    95% interval half-width, n seeds and MFLOPs."""
+    def entry(top1: list[float], mflops: float) -> dict:
+        e = estimate(top1)
+        interval = None if math.isnan(e.half_width) else round(e.half_width, 3)  # one seed: no interval (JSON has no NaN)
+        return {"top1": round(e.mean, 3), "top1_ci95": interval, "n": e.n, "mflops": round(mflops, 3)}
+
+    summary = {name: entry([r["top1"] for r in runs], runs[0]["mflops"]) for name, runs in variants.items()}
+    for c in configs:
+        for sweep, values in c.trials:
+            if sweep == cfg.sweep.name:
+                summary[f"{sweep}[{values}]"] = entry(list(c.top1().values()), c.mflops)
+    return summary
+
+
 def report(cfg: Config, out: Path = REPORTS):
     preflight.tracking(cfg)
     (variants, configs), sweep_rows = load_runs(cfg), load_sweep()
@@ -492,10 +521,11 @@ def report(cfg: Config, out: Path = REPORTS):
         (tmp / "sweep_accuracy_vs_flops.png").write_bytes(plot_sweep(sweep_rows))
         (tmp / "results.md").write_text(text)
         (tmp / "results.csv").write_text(csv_text(csv_rows(configs)))
+        (tmp / "metrics.json").write_text(json.dumps(metrics_summary(cfg, variants, configs), indent=2))
     for c in configs:
         print(f"{c.label()}: top-1 {c.estimate()}")
     print(f"{sum(v.resolved for v in verdicts)} of {len(verdicts)} comparisons with a baseline resolved (p < 0.05), the rest within noise")
-    print(f"wrote {out}/results.md, results.csv and the plots accuracy_vs_flops, accuracy_vs_params, sweep_accuracy_vs_flops")
+    print(f"wrote {out}/results.md, results.csv, metrics.json and the plots accuracy_vs_flops, accuracy_vs_params, sweep_accuracy_vs_flops")
 
 
 def main(argv=None):

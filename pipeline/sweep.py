@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import ray
 import ray.train
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -36,20 +36,21 @@ import sasa
 from pipeline import preflight
 from pipeline.config import ARCH_KEYS, Config, ConfigError
 from pipeline.data import PREPARED
+from pipeline.locations import in_project
 from pipeline.module import build_run, build_trainer
 from pipeline.runstate import RunRecord
 from pipeline.stage import StageError, atomic_write_text, csv_text, run_stage, sigterm_as_ctrl_c
-from pipeline.tracking import experiment_id, flatten, resolved_params, run_identity, source_tags, tracking_uri
+from pipeline.tracking import (context_tags, count_metrics, experiment_id, flatten, log_dataset, log_params, run_identity,
+                               run_params, tracking_uri)
 
 SWEEP = Path("sweep")
-STATE = SWEEP / "state.json"
 RESULTS = SWEEP / "results.csv"
 CHECKPOINT = "last.ckpt"
 NODE_CHECK_TIMEOUT_S = 120  # a node's first task unpacks the project and starts a worker
 # Not shipped to the workers with the project (Ray also leaves out what .gitignore lists).
 RUNTIME_ENV_EXCLUDES = [".git", ".dvc/cache", ".dvc/tmp"]
-# What a trial reports each epoch and the driver logs to the trial's MLflow run.
-TRIAL_METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_top1", "params", "macs", "flops")
+# What a trial reports each epoch (with its model's counts) and the driver logs to its MLflow run.
+TRIAL_METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_top1")
 
 
 def search_space(cfg: Config) -> dict:
@@ -194,22 +195,28 @@ class MlflowTrials(tune.Callback):
     def _create(self, trial):
         arch, train = split_trial_config(self.cfg, trial.config)
         model = arch.build(num_classes=10, in_chans=3)  # the resolved architecture does not depend on either
-        tags = {"mlflow.parentRunId": self.parent_id, "sasa.kind": "sweep_trial", "sasa.sweep": self.cfg.sweep.name, "sasa.trial_id": trial.trial_id}
-        tags.update(run_identity(model, arch.model_name, self.cfg.recipe(train), trial.config["seed"]))
-        run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
-        params = {**flatten("arch", arch.model_dump()), **flatten("train", train.model_dump()), **flatten("data", self.cfg.data.model_dump())}
-        params.update(resolved_params(model, arch.model_name))
-        params.update(flatten("trial", trial.config))
-        self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        values = trial_values(self.cfg, trial.config)
+        tags = {"mlflow.parentRunId": self.parent_id, "sasa.kind": "sweep_trial", "sasa.sweep": self.cfg.sweep.name,
+                "sasa.trial_id": trial.trial_id, "sasa.trial_values": values}
+        tags.update(run_identity(model, arch.model_name, self.cfg.recipe(train), trial.config["seed"]), **context_tags())
+        run_name = f"{self.cfg.sweep.name} {values} seed {trial.config['seed']}"  # e.g. "k5 kernel_size=5 seed 0"
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        log_params(self.client, run.info.run_id, run_params(self.cfg, arch, train, trial.config["seed"], model))
+        log_dataset(self.client, run.info.run_id, self.cfg.data.source, PREPARED)
         return run.info.run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.client.update_run(self.run_id(trial), status="RUNNING")  # a restored trial's run may be KILLED
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        now, step = int(time.time() * 1000), int(result["epoch"])
-        metrics = [Metric(k, float(result[k]), now, step) for k in (*TRIAL_METRICS, "epoch") if k in result]
-        self.client.log_batch(self.run_id(trial), metrics=metrics)
+        """The epoch's metrics at step = epochs completed; the model's counts once, at step 0, as a
+        train run has them."""
+        run_id, now, step = self.run_id(trial), int(time.time() * 1000), int(result["epoch"])
+        metrics = [Metric(k, float(result[k]), now, step) for k in TRIAL_METRICS if k in result]
+        if "num_params" not in self.client.get_run(run_id).data.metrics:
+            counts = sasa.Counts(**{k: int(result[k]) for k in ("params", "macs", "flops")})
+            metrics += [Metric(k, float(v), now, 0) for k, v in count_metrics(counts).items()]
+        self.client.log_batch(run_id, metrics=metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         """A trial that ran every epoch gets ``top1``/``top5``, its last epoch's, as a variant's run
@@ -239,24 +246,31 @@ def kill_open_runs(client: MlflowClient, experiment_id: str, parent_id: str):
 
 
 def _storage_path(cfg: Config) -> str:
-    """Tune needs an absolute path or a URI; relative paths are under the project folder."""
-    path = cfg.sweep.storage_path
-    return path if "://" in path else str(Path(path).resolve())
+    """Tune needs an absolute path or a URI; relative paths are under the project root (also from a
+    temporary DVC experiment, whose copy is deleted when it ends)."""
+    return in_project(cfg.sweep.storage_path)
+
+
+def state_path() -> Path:
+    """The sweep's resume record, beside the project's tracking store and Tune experiments."""
+    return Path(in_project(str(SWEEP / "state.json")))
+
+
+def trial_values(cfg: Config, config: dict) -> str:
+    """A trial's swept values, as its run name and the report show them: ``kernel_size=5``."""
+    return " ".join(f"{k}={config[k]:.3g}" if isinstance(config[k], float) else f"{k}={config[k]}" for k in cfg.sweep.space)
 
 
 def _start_parent_run(cfg: Config, client: MlflowClient, exp_id: str) -> dict:
     tags = {"sasa.kind": "sweep", "sasa.sweep": cfg.sweep.name, "sasa.fingerprint": cfg.sweep_fingerprint(), "dvc.stage": "sweep"}
-    tags.update(source_tags())
+    tags.update(context_tags())
     run = client.create_run(exp_id, run_name=f"sweep {cfg.sweep.name}", tags=tags)
-    params = flatten("sweep", cfg.sweep.model_dump(exclude={"space", "train", "scheduler", "resources"}))
-    params.update(flatten("space", {k: json.dumps(v) for k, v in cfg.sweep.space.items()}))
-    params.update(flatten("scheduler", cfg.sweep.scheduler.model_dump()))
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    log_params(client, run.info.run_id, flatten(cfg.sweep.model_dump(), "sweep"))
     state = {
         "fingerprint": cfg.sweep_fingerprint(), "run_id": run.info.run_id,
         "experiment": f"{cfg.sweep.name}-{run.info.run_id[:8]}",  # a new sweep never restores an old one
     }
-    RunRecord(STATE).write(state)
+    RunRecord(state_path()).write(state)
     return state
 
 
@@ -418,7 +432,7 @@ def sweep(cfg: Config):
             _check_shared_paths(cfg, meta)
         client = MlflowClient(tracking_uri(cfg))
         exp_id = experiment_id(client, cfg)
-        state = RunRecord(STATE).resumable(cfg.sweep_fingerprint(), client, exp_id) or _start_parent_run(cfg, client, exp_id)
+        state = RunRecord(state_path()).resumable(cfg.sweep_fingerprint(), client, exp_id) or _start_parent_run(cfg, client, exp_id)
         parent = state["run_id"]
         callback = MlflowTrials(cfg, exp_id, parent)
         results = _tuner(cfg, state, callback).fit()
@@ -443,7 +457,7 @@ def sweep(cfg: Config):
     client.log_text(parent, csv_text(rows), "results.csv")
     atomic_write_text(RESULTS, csv_text(rows))
     client.set_terminated(parent, "FINISHED")
-    RunRecord(STATE).finish()
+    RunRecord(state_path()).finish()
     print(f"sweep: {len(rows)} trials; best by {cfg.sweep.metric} ({cfg.sweep.mode}): { {k: best[k] for k in cfg.sweep.space} }, "
           f"top-1 {best['top1']:.2f}% at its last epoch; wrote {RESULTS}")
 

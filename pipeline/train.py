@@ -30,7 +30,6 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
-from mlflow.entities import Param
 
 from pipeline import preflight
 from pipeline.config import Config, ConfigError
@@ -39,7 +38,8 @@ from pipeline.module import NonFiniteLoss, Run, StopAtBatchEnd, build_run, build
 from pipeline.runstate import RunRecord
 from pipeline.stage import StageError, atomic_write_text, run_stage
 from pipeline.stats import estimate
-from pipeline.tracking import experiment_id, flatten, resolved_params, run_identity, source_tags, tracking_uri
+from pipeline.tracking import (context_tags, count_metrics, experiment_id, log_dataset, log_model, log_params, run_identity,
+                               run_params, tracking_uri)
 
 METRICS = Path("metrics")
 # The seed's checkpoint folder holds its resume record (run.json) before the first checkpoint, and
@@ -66,6 +66,16 @@ class Throughput(pl.Callback):
         pl_module.log("train_images_per_s", rate, rank_zero_only=True)
 
 
+class EpochStepLogger(MLFlowLogger):
+    """Epoch metrics stepped by epochs completed (1, 2, ...), as sweep trials are: one x axis for
+    both in the MLflow UI, not Lightning's global step."""
+
+    def log_metrics(self, metrics, step=None):
+        metrics = dict(metrics)
+        epoch = metrics.pop("epoch", None)
+        super().log_metrics(metrics, step=step if epoch is None else int(epoch) + 1)
+
+
 def checkpoint_dir(cfg: Config, variant: str, seed: int) -> str:
     return f"{cfg.train.checkpoint_dir.rstrip('/')}/{variant}/seed-{seed}"
 
@@ -87,16 +97,18 @@ def _start_or_resume_run(cfg: Config, variant: str, seed: int, ckpt_dir: str, ru
         return {"run_id": state["run_id"], "resume": fs.exists(f"{path}/last.ckpt")}
     if fs.exists(path):  # also what a SLURM requeue or an older attempt left there
         fs.rm(path, recursive=True)
+    arch = cfg.models.resolved(variant)
     tags = {"sasa.kind": "train", "sasa.variant": variant, "dvc.stage": f"train@{variant}", "sasa.fingerprint": fingerprint}
-    tags.update(run_identity(run.module.model, cfg.models.resolved(variant).model_name, cfg.recipe(cfg.train), seed), **source_tags())
+    tags.update(run_identity(run.module.model, arch.model_name, cfg.recipe(cfg.train), seed), **context_tags())
     created = client.create_run(exp_id, run_name=f"{variant} seed {seed}", tags=tags)
-    params = {**flatten("data", cfg.data.model_dump()), **resolved_params(run.module.model, cfg.models.resolved(variant).model_name)}
-    client.log_batch(created.info.run_id, params=[Param(k, v) for k, v in params.items()])
-    for name, value in run.counts.as_dict().items():
-        client.log_metric(created.info.run_id, name, value)
+    run_id = created.info.run_id
+    log_params(client, run_id, run_params(cfg, arch, cfg.train, seed, run.module.model))
+    for name, value in count_metrics(run.counts).items():
+        client.log_metric(run_id, name, value)
+    log_dataset(client, run_id, cfg.data.source, run.data.prepared)
     fs.makedirs(path, exist_ok=True)
-    record.write({"fingerprint": fingerprint, "run_id": created.info.run_id})
-    return {"run_id": created.info.run_id, "resume": False}
+    record.write({"fingerprint": fingerprint, "run_id": run_id})
+    return {"run_id": run_id, "resume": False}
 
 
 def _cluster_plugins() -> list:
@@ -144,7 +156,7 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
         throughput,
         StopAtBatchEnd(),
     ]
-    logger = MLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id) if world.is_zero else False
+    logger = EpochStepLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id) if world.is_zero else False
     trainer = build_trainer(cfg.train, logger=logger, callbacks=callbacks, default_root_dir=ckpt_dir, plugins=_cluster_plugins())
     try:
         trainer.fit(run.module, datamodule=run.data, ckpt_path=last if decision["resume"] else None, weights_only=True)
@@ -157,7 +169,7 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
         raise KeyboardInterrupt from None
     if not world.is_zero:
         return None
-    return _finish(cfg, variant, seed, run_id, trainer, throughput, run.counts, ckpt_dir)
+    return _finish(cfg, variant, seed, run_id, trainer, throughput, run, ckpt_dir)
 
 
 def _describe(last: str) -> str:
@@ -169,8 +181,9 @@ def _describe(last: str) -> str:
     return f"the last good checkpoint, {last} (end of epoch {epoch}), is intact"
 
 
-def _finish(cfg, variant, seed, run_id, trainer, throughput, counts, ckpt_dir) -> dict:
-    """Rank 0, one seed: the final metrics and best checkpoint into its MLflow run, its record finished."""
+def _finish(cfg, variant, seed, run_id, trainer, throughput, run: Run, ckpt_dir) -> dict:
+    """Rank 0, one seed: the final metrics, best checkpoint and trained model into its MLflow run,
+    its record finished."""
     client = MlflowClient(tracking_uri(cfg))
     history = client.get_run(run_id).data.metrics
     final = {k: float(trainer.callback_metrics.get(k, history.get(k, float("nan")))) for k in ("val_top1", "val_top5")}
@@ -178,12 +191,15 @@ def _finish(cfg, variant, seed, run_id, trainer, throughput, counts, ckpt_dir) -
     rate = statistics.median(rates) if rates else float("nan")
     results = {"top1": final["val_top1"], "top5": final["val_top5"], "throughput_images_per_s": rate}
     for name, value in results.items():
-        client.log_metric(run_id, name, value)
+        client.log_metric(run_id, name, value, step=trainer.current_epoch)
     fs, best = url_to_fs(f"{ckpt_dir}/best.ckpt")
     if fs.exists(best):
         with tempfile.TemporaryDirectory() as tmp:  # MLflow uploads local files
             fs.get(best, f"{tmp}/best.ckpt")
             client.log_artifact(run_id, f"{tmp}/best.ckpt", artifact_path="checkpoints")
+    example = run.data.val_set[0][0].unsqueeze(0).numpy()  # one normalised validation image
+    log_model(tracking_uri(cfg), run_id, run.module.model, example)
+    counts = run.counts
     result = {"seed": seed, "run_id": run_id, **results, **counts.as_dict(), "epochs": trainer.current_epoch}
     RunRecord(f"{ckpt_dir}/run.json").finish(result)
     print(f"{variant} seed {seed}: top-1 {results['top1']:.4f}, {counts.flops / 1e6:.1f} MFLOPs, {counts.params / 1e6:.3f} M params")

@@ -33,7 +33,15 @@ def merged(base, overrides):
 
 
 def write_params(folder: Path, overrides=None):
+    """TINY with ``overrides``, every key spelled out as in a real params.yaml (DVC tracks keys one by
+    one); params that fail validation (tests of bad input) are written as given."""
+    from pipeline.config import ConfigError, validate
+
     params = merged(TINY, overrides or {})
+    try:
+        params = validate(params, "test params").params_file()
+    except ConfigError:
+        pass
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
 
@@ -80,12 +88,11 @@ def dvc_project(tmp_path):
     user's clone is (in its own folder below tmp_path)."""
     folder = tmp_path / "project"
     folder.mkdir()
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, folder / name)
     for pkg in ("sasa", "pipeline"):
         shutil.copytree(REPO / pkg, folder / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     write_params(folder)
-    (folder / ".gitignore").write_text("mlflow.db\nmlruns/\n")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         proc = run_in_project(*cmd, cwd=folder)

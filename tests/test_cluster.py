@@ -17,8 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import psutil
 import pytest
+import torch
 
 from tests.conftest import REPO, write_params
 
@@ -296,3 +298,10 @@ def test_sweep_and_train_on_a_ray_cli_cluster_tracked_by_an_mlflow_server(dvc_pr
     (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.`sasa.kind` = 'train'")
     assert run.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
+    # the trained model, served back by the tracking server, predicts as the run's network does
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    (spec,) = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").signature.inputs.to_dict()
+    with torch.no_grad():
+        logits = model(torch.randn(2, *spec["tensor-spec"]["shape"][1:]))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()

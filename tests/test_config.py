@@ -24,7 +24,10 @@ BAD = [
     ({"train": {"batch_size": "big"}}, "train.batch_size"),
     ({"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key"),
     ({"data": {"source": "imagenet"}}, "data.source"),
-    ({"mlflow": {"tracking_uri": "./mlruns"}}, "mlflow.tracking_uri"),
+    ({"mlflow": {"tracking_uri": "./mlruns"}}, "mlflow.tracking_uri: Value error, use a database URI .* a folder path or file:// URI"),
+    ({"mlflow": {"tracking_uri": "file:///tmp/mlruns"}}, "mlflow.tracking_uri: Value error, use a database URI"),
+    ({"mlflow": {"tracking_uri": "sqlite://mlflow.db"}}, "mlflow.tracking_uri: Value error, use a database URI .sqlite:///FILE"),
+    ({"mlflow": {"tracking_uri": "ftp://user:hunter2@host/x"}}, "got 'ftp://\\*\\*\\*@host/x'"),
     ({"models": {"variants": {"conv": {"kernel_size": 4, "form": "full_attention"}}}}, "models.variants.conv: kernel_size"),
     ({"models": {"variants": {"conv": {"form": "hybrid"}}}}, "models.variants.conv: form='hybrid'"),
     ({"models": {"variants": {"conv": {"stem": "patchify"}}}}, "models.variants.conv: stem"),
@@ -56,8 +59,19 @@ BAD = [
 @pytest.mark.parametrize("overrides,needle", BAD)
 def test_bad_values_name_the_key(tmp_path, overrides, needle):
     write_params(tmp_path, overrides)
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("}", r"\}")):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("}", r"\}")) as err:
         load_config(tmp_path / "params.yaml")
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("uri", [
+    "sqlite:///mlflow.db", "sqlite:////abs/mlflow.db", "postgresql://user:pw@db.example:5432/mlflow",
+    "postgresql+psycopg2://db/mlflow", "mysql+pymysql://user@db/mlflow", "mssql+pyodbc://db/mlflow",
+    "http://127.0.0.1:5000", "https://user:token@mlflow.example", "databricks",
+])
+def test_any_sqlalchemy_database_or_server_is_a_tracking_uri(tmp_path, uri):
+    write_params(tmp_path, {"mlflow": {"tracking_uri": uri}})
+    assert load_config(tmp_path / "params.yaml").mlflow.tracking_uri == uri
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):
@@ -78,3 +92,59 @@ def test_fingerprint_changes_only_with_the_variants_own_settings(tmp_path):
     after = load_config(tmp_path / "params.yaml")
     assert before.fingerprint("conv", 0) == after.fingerprint("conv", 0)
     assert before.fingerprint("attn", 0) != after.fingerprint("attn", 0)
+
+
+def _leaves(params: dict, prefix="") -> set[str]:
+    out = set()
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        whole = name == "models.common" or name.startswith("models.variants.")  # architectures: tracked as one value each
+        out |= _leaves(value, f"{name}.") if isinstance(value, dict) and value and not whole else {name}
+    return out
+
+
+def _stage_params() -> dict[str, set[str]]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {"prepare": set(stages["prepare"]["params"]), "train": set(stages["train"]["do"]["params"]),
+            "sweep": set(stages["sweep"]["params"]), "report": set(stages["report"]["params"])}
+
+
+def test_stages_track_what_changes_results_key_by_key_and_no_runtime_knob():
+    """dvc.yaml's params per stage: every key of data/train that changes a run's results, never a
+    run-time knob (workers, progress bar, checkpoint folder, tracking store) except where the report
+    reads its runs; prepare only what changes the prepared images."""
+    from pipeline.config import RUNTIME_KEYS, Config
+
+    stages = _stage_params()
+    keys = _leaves(Config.model_validate(yaml.safe_load((REPO / "params.yaml").read_text())).params_file())
+    results = {k for k in keys if k.split(".")[0] in ("data", "train")} - RUNTIME_KEYS
+    assert stages["prepare"] == {"data.source", "data.path", "data.on_bad_file", "data.val_fraction", "data.seed"}
+    for name in ("train", "sweep", "report"):
+        listed = {k for k in stages[name] if k.split(".")[0] in ("data", "train")}
+        assert listed == results, name
+    assert not (stages["train"] | stages["sweep"]) & RUNTIME_KEYS and not stages["prepare"] & RUNTIME_KEYS
+    assert stages["report"] & RUNTIME_KEYS == {"mlflow.tracking_uri", "mlflow.experiment"}
+    sweep_keys = {k for k in keys if k.startswith("sweep.")}
+    listed = {k for k in stages["sweep"] if k.startswith("sweep.")}
+    assert {k for k in sweep_keys if any(_within(k, entry) for entry in listed)} == sweep_keys - RUNTIME_KEYS
+
+
+def _within(key: str, entry: str) -> bool:
+    return key == entry or key.startswith(f"{entry}.")
+
+
+@pytest.mark.parametrize("source", ["params.yaml", *sorted(p.name for p in (REPO / "configs").glob("*.yaml"))])
+def test_every_params_file_has_every_key_dvc_tracks(source, tmp_path):
+    """DVC stops on a tracked key missing from params.yaml: the default and every preset's output
+    spell each one out."""
+    from pipeline.preset import apply
+
+    if source == "params.yaml":
+        params = yaml.safe_load((REPO / source).read_text())
+    else:
+        apply(REPO / "configs" / source, out=tmp_path / "params.yaml")
+        params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    present = _leaves(params)
+    for stage, listed in _stage_params().items():
+        missing = {e for e in listed if "${" not in e and not any(_within(k, e) for k in present)}
+        assert not missing, (stage, missing)

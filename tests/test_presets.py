@@ -91,7 +91,7 @@ class _RecordLr(pl.Callback):
 def test_lr_scales_with_the_global_batch_and_bn_decay_reaches_every_norm(prepared_mnist):
     train = TrainConfig(**{**TINY["train"], "epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1,
                            "lr": 0.4, "lr_reference_batch": 128, "batch_size": 32, "bn_decay": 0.9999, "warmup_epochs": 0})
-    module = Classifier({**TINY["models"]["common"], "form": "conv"}, 10, 1, train.model_dump())
+    module = Classifier({**TINY["models"]["common"], "form": "conv"}, 10, 1, train.model_dump(), resolution=28)
     norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.momentum == pytest.approx(1e-4) for m in norms)
     record = _RecordLr()

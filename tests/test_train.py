@@ -11,10 +11,12 @@ from pathlib import Path
 import fsspec
 import lightning.pytorch as pl
 import mlflow
+import mlflow.pytorch
 import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+import sasa
 from tests.conftest import TINY, run_module, write_params
 
 pytestmark = pytest.mark.slow
@@ -35,18 +37,23 @@ def test_train_tracks_every_metric_param_tag_and_the_best_checkpoint(workdir):
     assert run.info.status == "FINISHED" and run.info.run_id == summary["seeds"]["0"]["run_id"]
     metrics = run.data.metrics
     for name in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "train_images_per_s",
-                 "top1", "top5", "params", "macs", "flops", "throughput_images_per_s"):
+                 "top1", "top5", "num_params", "macs", "flops", "throughput_images_per_s"):
         assert name in metrics, name
-    assert metrics["flops"] == 2 * metrics["macs"] == summary["flops"] > 0
+    assert metrics["flops"] == 2 * metrics["macs"] == summary["flops"] > 0 and metrics["num_params"] == summary["params"]
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
     params = run.data.params
     assert params["arch/form"] == "conv" and params["train/epochs"] == "2" and params["data/source"] == "mnist5k"
     tags = run.data.tags
     assert tags["dvc.stage"] == "train@conv" and len(tags["mlflow.source.git.commit"]) == 40
+    assert run.info.run_name == "conv seed 0" and params["train/seed"] == "0" and "epoch" not in metrics
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_top1")
-    assert len(history) == 2  # one value per epoch
+    assert [m.step for m in history] == [1, 2]  # one value per epoch, stepped by epochs completed
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/best.ckpt"]
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # the final weights: they give the final top-1
+    ckpt = torch.load(workdir / "checkpoints" / "conv" / "seed-0" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1, "last.ckpt is not the last epoch's: a resume would repeat epochs"
+    assert all(torch.equal(v, ckpt["state_dict"][f"model.{k}"]) for k, v in model.state_dict().items())
 
 
 def test_ddp_two_cpu_processes(workdir):
@@ -227,6 +234,19 @@ def test_interrupted_run_missing_from_the_store_starts_a_new_run(workdir):
     assert run.info.run_id != state["run_id"] and run.info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("form", ["conv", "full_attention"])
+def test_lightnings_model_summary_shows_the_flops_sasa_counts(form):
+    """Lightning prints a model summary at the start of every run: its FLOPs (counted on the module's
+    example input) are the run's logged ``flops``, not 0."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from pipeline.module import Classifier
+
+    module = Classifier({**TINY["models"]["common"], "form": form}, num_classes=10, in_chans=1, train=TINY["train"], resolution=20)
+    expected = sasa.count(module.model, (1, 20, 20)).flops
+    assert ModelSummary(module, max_depth=1).total_flops == expected > 0
+
+
 @pytest.mark.slow
 def test_compile_option_runs_the_attention_model_compiled():
     """train.compile: torch.compile traces through the local-attention custom op (its fake
@@ -236,7 +256,7 @@ def test_compile_option_runs_the_attention_model_compiled():
 
     arch = {**TINY["models"]["common"], "form": "full_attention"}
     # float64 and eval-mode batch norm: a random 26-layer net amplifies float32 reordering noise
-    module = Classifier(arch, num_classes=10, in_chans=1, train={**TINY["train"], "compile": True}).double().eval()
+    module = Classifier(arch, num_classes=10, in_chans=1, train={**TINY["train"], "compile": True}, resolution=28).double().eval()
     x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
     eager_grads = torch.autograd.grad(module.model(x).square().sum(), list(module.model.parameters()))
     out = module(x)
@@ -246,7 +266,7 @@ def test_compile_option_runs_the_attention_model_compiled():
         torch.testing.assert_close(g, g_eager)
     model_keys = {f"model.{key}" for key in module.model.state_dict()}
     assert set(module.state_dict()) == model_keys
-    eager = Classifier(arch, num_classes=10, in_chans=1, train=TINY["train"])
+    eager = Classifier(arch, num_classes=10, in_chans=1, train=TINY["train"], resolution=28)
     assert set(eager.state_dict()) == model_keys
 
 
