@@ -496,7 +496,7 @@ def csv_rows(configs: list[Configuration]) -> list[dict]:
 
 def metrics_summary(cfg: Config, variants: dict[str, list[dict]], configs: list[Configuration]) -> dict:
     """``metrics.json``, what ``dvc exp show`` / ``dvc metrics diff`` compare: each current variant,
-    and each configuration of the current sweep (``NAME[kernel_size=5]``), as top-1 % (mean), its
+    and each configuration of the current sweep (``NAME kernel_size=5``), as top-1 % (mean), its
     95% interval half-width, n seeds and MFLOPs."""
     def entry(top1: list[float], mflops: float) -> dict:
         e = estimate(top1)
@@ -507,7 +507,7 @@ def metrics_summary(cfg: Config, variants: dict[str, list[dict]], configs: list[
     for c in configs:
         for sweep, values in c.trials:
             if sweep == cfg.sweep.name:
-                summary[f"{sweep}[{values}]"] = entry(list(c.top1().values()), c.mflops)
+                summary[f"{sweep} {values}"] = entry(list(c.top1().values()), c.mflops)  # DVC reads [..] as an index
     return summary
 
 

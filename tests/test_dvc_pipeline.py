@@ -55,7 +55,7 @@ def test_repro_status_rerun_and_report(project):
 
     shown = json.loads(_sh("dvc", "metrics", "show", "--json", cwd=project).stdout)
     table = shown[0]["data"]["reports/metrics.json"]["data"] if isinstance(shown, list) else shown[""]["data"]["reports/metrics.json"]["data"]
-    assert set(table) == {"conv", "attn", "bot", "tiny[kernel_size=3]"} and {"top1", "n", "mflops"} <= set(table["attn"])
+    assert set(table) == {"conv", "attn", "bot", "tiny kernel_size=3"} and {"top1", "n", "mflops"} <= set(table["attn"])
     written = json.loads((project / "reports" / "metrics.json").read_text())  # strict JSON: one seed has no interval
     assert written["attn"]["n"] == 1 and written["attn"]["top1_ci95"] is None and written["attn"]["mflops"] > 0
     assert table["attn"]["top1"] == pytest.approx(float({r["configuration"]: r for r in rows}["attn"]["top1"]), abs=1e-3)
