@@ -49,6 +49,22 @@ def measure_steps(step, device, repeats, warmup):
     return {"times_s": times[warmup:], "peak_bytes": peak}
 
 
+def saved_bytes(fn, *args):
+    """Bytes autograd keeps for the backward pass of ``fn(*args)``: its activation memory."""
+    import torch
+
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return total
+
+
 def positive_int(text):
     value = int(text)
     if value <= 0:

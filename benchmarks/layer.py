@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import in_fresh_process, measure_steps, median, positive_int
+from benchmarks.common import in_fresh_process, measure_steps, median, positive_int, saved_bytes
 
 MIXER_LAYERS = ("halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise")
 LAYERS = ("conv3x3", "sasa_fast", "sasa_reference", *MIXER_LAYERS)
@@ -41,15 +41,8 @@ def _measure(layer, shape, kernel_size, repeats, warmup, device, dtype):
     x = torch.randn(B, C, H, W, device=device, requires_grad=True)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
-    saved = 0
-
-    def pack(t):
-        nonlocal saved
-        saved += t.numel() * t.element_size()
-        return t
-
-    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
+    with autocast:
+        saved = saved_bytes(module, x)
 
     def step():
         with autocast:

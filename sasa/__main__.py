@@ -85,7 +85,7 @@ def _build_ext(args):
     if cpu_extension.load() is None:
         print("error: the C++ CPU kernel could not be built (see the warning above); the PyTorch kernel will be used", file=sys.stderr)
         return 1
-    print(f"C++ CPU kernel ready ({time.perf_counter() - start:.0f} s): {cpu_extension.SOURCE.name}")
+    print(f"C++ CPU kernel ready ({time.perf_counter() - start:.0f} s): {' '.join(p.name for p in cpu_extension.SOURCES)}")
     return 0
 
 
@@ -111,7 +111,7 @@ def main(argv=None):
     info.add_argument("--json", action="store_true", help="print one JSON object")
     table = sub.add_parser("table", help="the paper's Table 1 models: our counts beside the paper's")
     table.add_argument("--resolution", type=int, default=224)
-    sub.add_parser("build-ext", help="compile (or find cached) the C++ CPU kernel of the SASA layer")
+    sub.add_parser("build-ext", help="compile (or find cached) the C++ CPU kernels of the attention layers")
     args = parser.parse_args(argv)
     try:
         return {"info": _info, "table": _table, "build-ext": _build_ext}[args.command](args) or 0

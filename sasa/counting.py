@@ -2,15 +2,14 @@
 
 Convolutions, linear layers and matmuls are counted by ``torch.utils.flop_counter``; the fast
 local-attention kernel is a custom op with its own registered formula (logits, the softmax
-weighting of values and the factorised relative-position terms); the reference's einsums are
-seen by the counter directly. Batch norm,
+weighting of values and the factorised relative-position terms); the other mixers are counted
+through their reference kernels, whose einsums the counter sees directly (``sasa.layers._kernels``
+switches them while a counter runs). Batch norm,
 activations, pooling, softmax and residual additions are not counted, as in the paper and
-torchvision. Note: the counter has no formula for CPU ``scaled_dot_product_attention``
-decompositions; layers built on SDPA must be counted on a device where it is one op.
+torchvision. Which kernel runs does not change what is counted.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,19 +24,6 @@ class Counts:
 
     def as_dict(self):
         return asdict(self)
-
-
-@contextmanager
-def _fast_kernels(model):
-    """The reference kernel is plain tensor algebra the counter cannot see; count the fast one."""
-    layers = [m for m in model.modules() if getattr(m, "impl", None) == "reference"]
-    for m in layers:
-        m.impl = "fast"
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.impl = "reference"
 
 
 def _input_shape(model, input_size):
@@ -60,7 +46,7 @@ def count(model: torch.nn.Module, input_size) -> Counts:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _fast_kernels(model), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(shape, device=device))
     finally:
         model.train(was_training)

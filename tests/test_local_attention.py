@@ -3,6 +3,7 @@ reference, and the fast op with each of its CPU kernels (C++ and PyTorch)."""
 import pytest
 import torch
 
+from benchmarks.common import saved_bytes
 from sasa.ops import cpu_extension
 from sasa.ops import local_attention as ops
 from sasa.ops.local_attention import fast_local_attention, reference_local_attention
@@ -77,17 +78,8 @@ def test_fast_kernel_passes_gradcheck(fast_kernel):
 
 def _saved_bytes(fn, k):
     """Bytes autograd keeps for the backward pass (activation memory of the op)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
     q, kk, v, rr, rc = _inputs(2, 4, 8, 16, 16, k, rel=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(q, kk, v, k, rr, rc)
-    return total
+    return saved_bytes(fn, q, kk, v, k, rr, rc)
 
 
 def test_fast_kernel_memory_does_not_grow_with_window_area():

@@ -182,4 +182,4 @@ def test_parameters_and_flops_match_closed_forms(cls, k, stride):
 
 @pytest.mark.parametrize("cls", LAYERS)
 def test_extra_repr_names_the_options(cls):
-    assert cls(4, 8, 2, kernel_size=5, share=4, reduction=2).extra_repr() == "4, 8, stride=2, kernel_size=5, share=4, reduction=2"
+    assert cls(4, 8, 2, kernel_size=5, share=4, reduction=2).extra_repr() == "4, 8, stride=2, kernel_size=5, share=4, reduction=2, impl='fast'"

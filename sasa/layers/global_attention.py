@@ -1,9 +1,10 @@
 """Global (all-pixel) relative self-attention mixers: BoTNet's MHSA and attention-augmented conv.
 
 Both fill the 3x3 position of a ResNet bottleneck, like SASA2d, but every pixel attends over the
-whole feature map instead of a k x k window. They share ``relative_global_attention``, written in
-einsums only so that ``torch.utils.flop_counter`` counts it exactly (its CPU decomposition of
-``scaled_dot_product_attention`` is not counted).
+whole feature map instead of a k x k window. They share ``relative_global_attention``, the
+reference, written in einsums only so that ``torch.utils.flop_counter`` counts it exactly (models
+are counted through it), and its fast path ``fast_relative_global_attention``: one block of all
+pixels in ``sasa.layers.blocked``, which never stores the (H W)^2 logits.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import torch
 import torch.nn as nn
 
 from sasa.layers._checks import check_choice, check_divisible, check_positive_int
+from sasa.layers._kernels import kernel
+from sasa.layers.blocked import blocked_attention_2d, global_axis
 from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings
+from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
 
 GLOBAL_POS_ENCODINGS = ("relative", "none")
 
@@ -51,16 +55,31 @@ def relative_global_attention(q, k, v, rel_row=None, rel_col=None):
     return out.view(B, heads, v.shape[2], H, W)
 
 
+def fast_relative_global_attention(q, k, v, rel_row=None, rel_col=None):
+    """The same function as ``relative_global_attention``, as one block of all pixels."""
+    H, W = q.shape[-2:]
+    max_extent = (rel_row.shape[2] + 1) // 2 if rel_row is not None else 1
+    rows, cols = (global_axis(n, max_extent, q.dtype, q.device) for n in (H, W))
+    return blocked_attention_2d(q * q.shape[2] ** -0.5, k, v, rows, cols, rel_row, rel_col)
+
+
+GLOBAL_ATTENTION_IMPLS = {"reference": relative_global_attention, "fast": fast_relative_global_attention}
+
+
 def _check_fraction(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
 
 
 class _RelativeGlobalAttention(nn.Module):
-    """Holds the qkv projection and the relative embeddings; subclasses check their arguments."""
+    """Holds the qkv projection and the relative embeddings; subclasses check their arguments.
+    ``impl``: ``fast`` (default) or ``reference``, the same function."""
 
-    def _build_attention(self, in_channels, dk, dv, heads, max_extent, pos_enc):
-        self.heads, self.max_extent, self.pos_enc = heads, max_extent, pos_enc
+    counted_impl = "reference"  # the FLOP counter sees its einsums
+
+    def _build_attention(self, in_channels, dk, dv, heads, max_extent, pos_enc, impl):
+        check_choice("impl", impl, tuple(GLOBAL_ATTENTION_IMPLS))
+        self.heads, self.max_extent, self.pos_enc, self.impl = heads, max_extent, pos_enc, impl
         self.dk, self.dv = dk, dv
         self.qkv = nn.Conv2d(in_channels, 2 * dk + dv, 1, bias=False)
         add_relative_embeddings(self, heads, dk // heads, 2 * max_extent - 1, pos_enc == "relative")
@@ -71,7 +90,7 @@ class _RelativeGlobalAttention(nn.Module):
         q, k, v = self.qkv(x).split([self.dk, self.dk, self.dv], dim=1)
         q, k = (t.reshape(B, self.heads, self.dk // self.heads, H, W) for t in (q, k))
         v = v.reshape(B, self.heads, self.dv // self.heads, H, W)
-        return relative_global_attention(q, k, v, self.rel_row, self.rel_col).reshape(B, self.dv, H, W)
+        return GLOBAL_ATTENTION_IMPLS[kernel(self)](q, k, v, self.rel_row, self.rel_col).reshape(B, self.dv, H, W)
 
 
 def _check_common(in_channels, out_channels, stride, heads, max_extent, pos_enc):
@@ -96,14 +115,14 @@ class BoTAttention2d(_RelativeGlobalAttention):
     ``max_extent`` instead of being sized to one resolution.
     """
 
-    def __init__(self, in_channels, out_channels, stride=1, *, heads=4, max_extent=16, pos_enc="relative"):
+    def __init__(self, in_channels, out_channels, stride=1, *, heads=4, max_extent=16, pos_enc="relative", impl="fast"):
         super().__init__()
         _check_common(in_channels, out_channels, stride, heads, max_extent, pos_enc)
         check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
         if pos_enc == "relative":
             check_divisible("out_channels", out_channels, 2 * heads, f"each of the {heads} heads splits its relative logits into row and column halves")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self._build_attention(in_channels, out_channels, out_channels, heads, max_extent, pos_enc)
+        self._build_attention(in_channels, out_channels, out_channels, heads, max_extent, pos_enc, impl)
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
 
     def forward(self, x):
@@ -112,7 +131,7 @@ class BoTAttention2d(_RelativeGlobalAttention):
     def extra_repr(self):
         return (
             f"{self.in_channels}, {self.out_channels}, stride={self.stride}, heads={self.heads}, "
-            f"max_extent={self.max_extent}, pos_enc={self.pos_enc!r}"
+            f"max_extent={self.max_extent}, pos_enc={self.pos_enc!r}, impl={self.impl!r}"
         )
 
 
@@ -133,7 +152,8 @@ class AttentionAugmentedConv2d(_RelativeGlobalAttention):
     """
 
     def __init__(
-        self, in_channels, out_channels, stride=1, *, heads=8, dk_fraction=0.2, dv_fraction=0.1, max_extent=16, pos_enc="relative"
+        self, in_channels, out_channels, stride=1, *, heads=8, dk_fraction=0.2, dv_fraction=0.1, max_extent=16, pos_enc="relative",
+        impl="fast",
     ):
         super().__init__()
         _check_common(in_channels, out_channels, stride, heads, max_extent, pos_enc)
@@ -150,7 +170,7 @@ class AttentionAugmentedConv2d(_RelativeGlobalAttention):
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.dk_fraction, self.dv_fraction = dk_fraction, dv_fraction
         self.conv = nn.Conv2d(in_channels, out_channels - dv, 3, stride, 1, bias=False)
-        self._build_attention(in_channels, dk, dv, heads, max_extent, pos_enc)
+        self._build_attention(in_channels, dk, dv, heads, max_extent, pos_enc, impl)
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
         self.proj = nn.Conv2d(dv, dv, 1, bias=False)
 
@@ -161,5 +181,5 @@ class AttentionAugmentedConv2d(_RelativeGlobalAttention):
         return (
             f"{self.in_channels}, {self.out_channels}, stride={self.stride}, heads={self.heads}, "
             f"dk_fraction={self.dk_fraction}, dv_fraction={self.dv_fraction} (dk={self.dk}, dv={self.dv}), "
-            f"max_extent={self.max_extent}, pos_enc={self.pos_enc!r}"
+            f"max_extent={self.max_extent}, pos_enc={self.pos_enc!r}, impl={self.impl!r}"
         )

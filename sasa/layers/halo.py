@@ -5,8 +5,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sasa.layers._checks import check_positive_int
+from sasa.layers._checks import check_choice, check_positive_int
+from sasa.layers._kernels import kernel
+from sasa.layers.blocked import blocked_mixer_attention, halo_axis
 from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings, check_attention_layer
+from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
 
 POS_ENCODINGS = ("relative", "none")
 
@@ -23,26 +26,35 @@ class HaloAttention2d(nn.Module):
     and outputs of padding pixels are cropped. ``pos_enc="relative"`` adds q.r with
     r = [row-offset, column-offset] embeddings indexed by the query's own offset to the key
     (2(b+h)-1 per axis), so with b=1 the layer is SASA2d with kernel_size 2h+1.
-    ``stride=2`` average-pools after the attention, as SASA2d does. The products are batched
-    matrix multiplications over (image, head, block) with each head's channels last, which is also
-    what a channels-last input already holds.
+    ``stride=2`` average-pools after the attention, as SASA2d does. ``impl="reference"`` computes it
+    as batched matrix products over (image, head, block) on unfolded windows; ``"fast"`` (default)
+    runs the same function as ``sasa.layers.blocked`` halo blocks, never storing the logits.
     """
 
-    def __init__(self, in_channels, out_channels, stride=1, *, block_size=8, halo=3, heads=8, pos_enc="relative"):
+    counted_impl = "reference"  # the FLOP counter sees its matrix products
+
+    def __init__(self, in_channels, out_channels, stride=1, *, block_size=8, halo=3, heads=8, pos_enc="relative", impl="fast"):
         super().__init__()
         check_positive_int("block_size", block_size)
         if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
             raise ValueError(f"halo must be a non-negative integer, got {halo!r}")
         check_attention_layer(in_channels, out_channels, heads, stride, pos_enc, POS_ENCODINGS)
+        check_choice("impl", impl, tuple(BLOCKED_ATTENTION_IMPLS))
         head_dim = out_channels // heads
         self.in_channels, self.out_channels = in_channels, out_channels
         self.block_size, self.halo, self.heads, self.head_dim = block_size, halo, heads, head_dim
-        self.stride, self.pos_enc = stride, pos_enc
+        self.stride, self.pos_enc, self.impl = stride, pos_enc, impl
         self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, bias=False)
         add_relative_embeddings(self, heads, head_dim, 2 * (block_size + halo) - 1, pos_enc == "relative")
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
 
     def forward(self, x):
+        return self.pool(getattr(self, f"_{kernel(self)}")(x))
+
+    def _fast(self, x):
+        return blocked_mixer_attention(self, x, lambda n: halo_axis(n, self.block_size, self.halo, x.dtype, x.device))
+
+    def _reference(self, x):
         B, _, H, W = x.shape
         b, h, heads, d = self.block_size, self.halo, self.heads, self.head_dim
         w = b + 2 * h
@@ -72,10 +84,10 @@ class HaloAttention2d(nn.Module):
         attn = logits.view(B * heads, nH * nW, b * b, w * w).masked_fill(~inside, float("-inf")).softmax(-1)
         out = torch.bmm(windows(v), attn.view(n, b * b, w * w).transpose(1, 2))  # (n, d, b*b)
         out = out.view(B, heads, nH, nW, d, b, b).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, heads * d, nH * b, nW * b)
-        return self.pool(out[..., :H, :W])
+        return out[..., :H, :W]
 
     def extra_repr(self):
         return (
             f"{self.in_channels}, {self.out_channels}, stride={self.stride}, block_size={self.block_size}, "
-            f"halo={self.halo}, heads={self.heads}, pos_enc={self.pos_enc!r}"
+            f"halo={self.halo}, heads={self.heads}, pos_enc={self.pos_enc!r}, impl={self.impl!r}"
         )

@@ -4,8 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from sasa.layers._checks import check_odd_kernel
+from sasa.layers._checks import check_choice, check_odd_kernel
+from sasa.layers._kernels import kernel
+from sasa.layers.blocked import blocked_mixer_attention, neighborhood_axis
 from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings, check_attention_layer
+from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
 
 POS_ENCODINGS = ("relative", "none")
 
@@ -26,18 +29,24 @@ class NeighborhoodAttention2d(nn.Module):
     (the attention span does not shrink at the borders). Because of the shift a key can be up to
     k-1 rows (columns) away, so ``pos_enc="relative"`` uses 2k-1 row and column embeddings per
     head, indexed by key - query + k - 1. Needs maps at least k x k. ``stride=2`` average-pools
-    after the attention, as SASA2d does.
+    after the attention, as SASA2d does. ``impl="reference"`` gathers every pixel's k^2 keys;
+    ``"fast"`` (default) computes the same function over blocks of queries
+    (``sasa.layers.blocked``), never storing the logits.
     """
 
-    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=8, pos_enc="relative"):
+    counted_impl = "reference"  # the FLOP counter sees its einsums: k^2 keys per pixel, not the blocks'
+    query_block = 4  # fast path: 4 x 4 queries share (4 + k - 1)^2 keys; larger blocks waste more logits
+
+    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=8, pos_enc="relative", impl="fast"):
         super().__init__()
         check_odd_kernel("kernel_size", kernel_size)
         check_attention_layer(in_channels, out_channels, heads, stride, pos_enc, POS_ENCODINGS)
+        check_choice("impl", impl, tuple(BLOCKED_ATTENTION_IMPLS))
         head_dim = out_channels // heads
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.heads, self.head_dim = kernel_size, heads, head_dim
         self.min_size = kernel_size  # windows shift inside the map, so it must hold one (ResNet reads this)
-        self.stride, self.pos_enc = stride, pos_enc
+        self.stride, self.pos_enc, self.impl = stride, pos_enc, impl
         self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, bias=False)
         add_relative_embeddings(self, heads, head_dim, 2 * kernel_size - 1, pos_enc == "relative")
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
@@ -49,10 +58,18 @@ class NeighborhoodAttention2d(nn.Module):
         return (rows[:, None, :, None] * W + cols[None, :, None, :]).reshape(H, W, k * k)
 
     def forward(self, x):
-        B, _, H, W = x.shape
-        k, heads, d = self.kernel_size, self.heads, self.head_dim
+        H, W = x.shape[-2:]
+        k = self.kernel_size
         if H < k or W < k:
             raise ValueError(f"kernel_size={k} needs a feature map at least {k} x {k}, got {H} x {W}")
+        return self.pool(getattr(self, f"_{kernel(self)}")(x))
+
+    def _fast(self, x):
+        return blocked_mixer_attention(self, x, lambda n: neighborhood_axis(n, self.kernel_size, self.query_block, x.dtype, x.device))
+
+    def _reference(self, x):
+        B, _, H, W = x.shape
+        k, heads, d = self.kernel_size, self.heads, self.head_dim
         q, key, v = self.qkv(x).view(B, 3, heads, d, H, W).unbind(1)
         idx = self.neighbour_index(H, W, x.device).flatten()
 
@@ -70,10 +87,10 @@ class NeighborhoodAttention2d(nn.Module):
             logits = logits + (row[..., :, None] + col[..., None, :]).reshape(B, heads, H, W, k * k)
         attn = logits.softmax(dim=-1)
         out = torch.einsum("zhyxn,zhdyxn->zhdyx", attn, neighbours(v))
-        return self.pool(out.reshape(B, self.out_channels, H, W))
+        return out.reshape(B, self.out_channels, H, W)
 
     def extra_repr(self):
         return (
             f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, "
-            f"heads={self.heads}, pos_enc={self.pos_enc!r}"
+            f"heads={self.heads}, pos_enc={self.pos_enc!r}, impl={self.impl!r}"
         )

@@ -10,10 +10,12 @@ pixels give weight to mirrored copies of in-image pixels. Masked positions still
 gamma (with zeros for psi's features), so in training gamma's batch-norm statistics include
 them. SAN's phi, psi and beta have biases; these have none (see below).
 
-The footprints are materialised with ``F.unfold`` (O(k^2 C H W) memory; SAN has custom CUDA
-kernels for this). Every multiply-add is a convolution or an einsum, so
-``torch.utils.flop_counter`` counts the layers exactly, the weighted sum over the footprint
-included (k^2 out_channels per pixel).
+psi's footprints are materialised with ``F.unfold`` (SAN's MLP takes every (pixel, footprint
+position) pair as input, so its input is O(k^2 C/reduction H W) however it is built). The weighted
+sum of the values (``sasa.ops.footprint_aggregate``) has two kernels: ``impl="reference"`` unfolds
+the values too (k^2 out_channels H W) and takes an einsum, which ``torch.utils.flop_counter``
+counts exactly (k^2 out_channels multiply-adds per pixel; models are counted through it);
+``"fast"`` (default) reads shifted rows of the values instead (SAN has CUDA kernels for this).
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
+from sasa.layers._kernels import kernel
 from sasa.layers.sasa2d import CeilAvgPool2d
+from sasa.ops.footprint_aggregate import FOOTPRINT_AGGREGATE_IMPLS
 
 
 class _VectorAttention2d(nn.Module):
@@ -30,7 +34,9 @@ class _VectorAttention2d(nn.Module):
     (to out_channels), footprint gathering, the masked softmax over the footprint, the weighted
     sum with weight sharing, and the optional stride-2 pool."""
 
-    def __init__(self, in_channels, out_channels, stride, kernel_size, share, reduction):
+    counted_impl = "reference"  # the FLOP counter sees its einsum
+
+    def __init__(self, in_channels, out_channels, stride, kernel_size, share, reduction, impl):
         super().__init__()
         check_positive_int("in_channels", in_channels)
         check_positive_int("out_channels", out_channels)
@@ -38,10 +44,11 @@ class _VectorAttention2d(nn.Module):
         check_odd_kernel("kernel_size", kernel_size)
         check_positive_int("share", share)
         check_positive_int("reduction", reduction)
+        check_choice("impl", impl, tuple(FOOTPRINT_AGGREGATE_IMPLS))
         check_divisible("out_channels", out_channels, share, f"share={share} value channels use each attention weight channel")
         check_divisible("out_channels", out_channels, reduction, f"reduction={reduction} sets the relation width out_channels // reduction")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.kernel_size, self.share, self.reduction = kernel_size, share, reduction
+        self.kernel_size, self.share, self.reduction, self.impl = kernel_size, share, reduction, impl
         self.rel_channels = out_channels // reduction
         self.weight_channels = out_channels // share
         # No biases: phi's and psi's would shift gamma's input by a constant, which its first
@@ -62,15 +69,13 @@ class _VectorAttention2d(nn.Module):
         g*share ... g*share + share - 1. Returns (B, out_channels, H_out, W_out)."""
         B, _, H, W = x.shape
         inside = self.footprint(x.new_ones(1, 1, H, W)) > 0
-        attn = logits.masked_fill(~inside, float("-inf")).softmax(dim=2)
-        values = self.footprint(self.beta(x)).view(B, self.weight_channels, self.share, -1, H * W)
-        out = torch.einsum("bgnp,bgsnp->bgsp", attn, values)  # an einsum so the counter sees it
-        return self.pool(out.reshape(B, self.out_channels, H, W))
+        attn = logits.masked_fill(~inside, float("-inf")).softmax(dim=2).view(B, self.weight_channels, -1, H, W)
+        return self.pool(FOOTPRINT_AGGREGATE_IMPLS[kernel(self)](attn, self.beta(x), self.kernel_size))
 
     def extra_repr(self):
         return (
             f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, "
-            f"share={self.share}, reduction={self.reduction}"
+            f"share={self.share}, reduction={self.reduction}, impl={self.impl!r}"
         )
 
 
@@ -85,8 +90,8 @@ class SANPairwise2d(_VectorAttention2d):
     With ``stride=2`` a ceil-mode 2x2/2 average pool follows, as in ``SASA2d``.
     """
 
-    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, share=8, reduction=8):
-        super().__init__(in_channels, out_channels, stride, kernel_size, share, reduction)
+    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, share=8, reduction=8, impl="fast"):
+        super().__init__(in_channels, out_channels, stride, kernel_size, share, reduction, impl)
         r = self.rel_channels
         self.position = nn.Conv2d(2, 2, 1, bias=False)
         self.gamma = nn.Sequential(
@@ -122,8 +127,8 @@ class SANPatchwise2d(_VectorAttention2d):
     2x2/2 average pool follows, as in ``SASA2d``.
     """
 
-    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=3, share=8, reduction=8):
-        super().__init__(in_channels, out_channels, stride, kernel_size, share, reduction)
+    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=3, share=8, reduction=8, impl="fast"):
+        super().__init__(in_channels, out_channels, stride, kernel_size, share, reduction, impl)
         width, g, kk = self.rel_channels * (kernel_size**2 + 1), self.weight_channels, kernel_size**2
         self.gamma = nn.Sequential(
             nn.BatchNorm2d(width),

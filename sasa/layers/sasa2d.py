@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
+from sasa.layers._kernels import kernel
 from sasa.ops.local_attention import LOCAL_ATTENTION_IMPLS
 
 POS_ENCODINGS = ("relative", "absolute", "none")
@@ -80,6 +81,8 @@ class SASA2d(nn.Module):
     ``fast`` (default) or ``reference``; both compute the same function.
     """
 
+    counted_impl = "fast"  # its op has a FLOP formula; the reference's elementwise products are not counted
+
     def __init__(self, in_channels, out_channels, kernel_size=7, heads=8, stride=1, pos_enc="relative", impl="fast"):
         super().__init__()
         check_odd_kernel("kernel_size", kernel_size)
@@ -98,7 +101,7 @@ class SASA2d(nn.Module):
         q, k, v = self.qkv(x).view(B, 3, self.heads, self.head_dim, H, W).unbind(1)
         if self.pos_enc == "absolute":
             k = k + sinusoidal_2d(self.head_dim, H, W, dtype=k.dtype, device=k.device)
-        out = LOCAL_ATTENTION_IMPLS[self.impl](q, k, v, self.kernel_size, self.rel_row, self.rel_col)
+        out = LOCAL_ATTENTION_IMPLS[kernel(self)](q, k, v, self.kernel_size, self.rel_row, self.rel_col)
         return self.pool(out.reshape(B, self.out_channels, H, W))
 
     def extra_repr(self):

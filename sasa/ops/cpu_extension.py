@@ -1,10 +1,10 @@
-"""The C++ CPU kernel of local attention, compiled once per machine on first use and cached.
+"""The C++ CPU kernels (local and blocked attention), compiled once per machine on first use and cached.
 
-``torch.utils.cpp_extension.load`` builds ``csrc/local_attention_cpu.cpp`` with the machine's
+``torch.utils.cpp_extension.load`` builds the kernels in ``csrc/`` with the machine's
 compiler into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and rebuilds only
 when the source, the flags or torch change; concurrent first uses (DDP ranks, Ray trials) wait on
 its lock. ``make install`` builds it ahead of time (``python -m sasa build-ext``). Where no
-compiler is available the op falls back to its PyTorch kernel with one warning, and
+compiler is available the ops fall back to their PyTorch kernels with one warning, and
 ``SASA_CPU_EXTENSION=0`` turns the extension off.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "local_attention_cpu.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "local_attention_cpu.cpp", CSRC / "blocked_attention_cpu.cpp", CSRC / "footprint_aggregate_cpu.cpp"]
 CFLAGS = ["-O3", "-march=native"]
 # ATen's parallel_for is an OpenMP pragma in a header: without -fopenmp the kernel runs on one thread
 OPENMP = ["-fopenmp"] if platform.system() == "Linux" else []
@@ -27,8 +28,9 @@ OPENMP = ["-fopenmp"] if platform.system() == "Linux" else []
 
 def _name():
     """-march=native code must not be loaded on another CPU model (a shared home directory on a
-    cluster): the build folder is keyed by the machine and the CPU's description."""
-    cpu = platform.machine() + platform.processor()
+    cluster): the build folder is keyed by the machine and the CPU's description. It is keyed by
+    the sources and headers too, because torch's rebuild check does not look at included headers."""
+    cpu = platform.machine() + platform.processor() + "".join(p.read_text() for p in sorted(CSRC.iterdir()))
     try:
         cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
@@ -46,7 +48,7 @@ def load():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load as build_and_load
 
-        build_and_load(name=_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS + OPENMP, extra_ldflags=OPENMP, is_python_module=False, verbose=False)
+        build_and_load(name=_name(), sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS + OPENMP, extra_ldflags=OPENMP, is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: the PyTorch kernel still works
         warnings.warn(f"sasa: the C++ CPU kernel could not be built, using the slower PyTorch kernel ({type(exc).__name__}: {exc})", stacklevel=2)
         return None

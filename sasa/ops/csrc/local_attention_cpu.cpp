@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -27,48 +29,7 @@
 
 namespace {
 
-typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
-typedef double d4 __attribute__((vector_size(32)));
-
-template <typename T> struct Vec;
-template <> struct Vec<float> { using type = f8; static constexpr int64_t N = 8; };
-template <> struct Vec<double> { using type = d4; static constexpr int64_t N = 4; };
-
-template <typename VT, typename T> inline VT load(const T* p) {
-  VT v;
-  std::memcpy(&v, p, sizeof(VT));
-  return v;
-}
-template <typename VT, typename T> inline void store(T* p, VT v) { std::memcpy(p, &v, sizeof(VT)); }
-template <typename VT, typename T> inline VT splat(T s) { return VT{} + s; }
-
-// exp(x) for x <= ~0 (logit minus max or minus log-sum-exp): Cephes' range reduction and degree-6
-// polynomial (relative error ~1e-7), -inf -> 0. Vectorised by hand; libm's expf is not.
-inline f8 vexp(f8 x) {
-  const f8 lo = splat<f8>(-87.0f);
-  const i8 under = x < lo;
-  const f8 xc = under ? lo : x;
-  const i8 n = __builtin_convertvector(xc * 1.44269504088896341f - 0.5f, i8);  // round to nearest for <= 0.5
-  const f8 nf = __builtin_convertvector(n, f8);
-  const f8 r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
-  f8 p = splat<f8>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const f8 scale = (f8)((n + 127) << 23);
-  return under ? splat<f8>(0.0f) : p * scale;
-}
-
-inline d4 vexp(d4 x) {  // float64 serves gradcheck and the tests, not speed
-  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
-
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+using namespace sasa_simd;
 
 // Sizes of the padded rows. Query-side rows (q, grad_out, probabilities, their gradients) hold
 // query x at LP + x, zeros around; key-side rows (k, v) hold key x at c + x, so the key of query
