@@ -1,5 +1,5 @@
-"""Layer benchmark: SASA (fast and reference kernels) and every other attention mixer against a 3x3
-convolution of the same width.
+"""Layer benchmark: every attention mixer, each with its fast and its reference kernel
+(``sasa_fast``, ``sasa_reference``, ``halo_fast``, ...), against a 3x3 convolution of the same width.
 
 Forward + backward: median time over repeats, the activation memory autograd keeps for the
 backward pass, and the peak memory of the step (GPU: allocator peak; CPU: growth of the
@@ -12,8 +12,9 @@ import argparse
 
 from benchmarks.common import in_fresh_process, measure_steps, median, positive_int, saved_bytes
 
-MIXER_LAYERS = ("halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise")
-LAYERS = ("conv3x3", "sasa_fast", "sasa_reference", *MIXER_LAYERS)
+MIXERS = ("sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise")
+IMPLS = ("fast", "reference")
+LAYERS = ("conv3x3", *(f"{mixer}_{impl}" for mixer in MIXERS for impl in IMPLS))
 DEFAULT_SHAPES = [(8, 128, 28, 28), (8, 64, 56, 56), (8, 256, 14, 14)]  # ResNet groups 2, 1, 3 at 224 px / 2
 
 
@@ -24,10 +25,9 @@ def _build(layer, channels, kernel_size):
 
     if layer == "conv3x3":
         return create_mixer("conv", channels, channels)
-    if layer.startswith("sasa_"):
-        return create_mixer("sasa", channels, channels, kernel_size=kernel_size, heads=8, impl=layer.removeprefix("sasa_"))
-    options = {"block_size": 8, "halo": kernel_size // 2} if layer == "halo" else {}
-    return create_mixer(layer, channels, channels, shared={"kernel_size": kernel_size, "heads": 8}, **options)
+    mixer, impl = layer.rsplit("_", 1)
+    options = {"block_size": 8, "halo": kernel_size // 2} if mixer == "halo" else {}
+    return create_mixer(mixer, channels, channels, shared={"kernel_size": kernel_size, "heads": 8, "impl": impl}, **options)
 
 
 def _measure(layer, shape, kernel_size, repeats, warmup, device, dtype):
