@@ -93,11 +93,39 @@ template <typename T> void gather(const Group& g, const Plane<T>& src, int64_t C
     for (int64_t c = 0; c < C; ++c) dst[j * C + c] = g.real[j] ? src.at(c, g.pix[j]) : T(0);
 }
 
+// out[j][s] = init[j][s] + sum_c coef[j][c] M[c][s] for the group's rows (logits: coef = q, M = k;
+// dP: coef = dout, M = v). Two key vectors per step: each coefficient loaded once feeds two FMAs.
+template <typename T> void combine(const Sizes& z, const T* coef, const T* M, int64_t C, T* out) {
+  using VT = typename WideVec<T>::type;
+  constexpr int64_t N = WideVec<T>::N;
+  int64_t s = 0;
+  for (; s + 2 * N <= z.Sp; s += 2 * N) {
+    VT a0[G], a1[G];
+    for (int64_t j = 0; j < G; ++j) a0[j] = load<VT>(out + j * z.Sp + s), a1[j] = load<VT>(out + j * z.Sp + s + N);
+    for (int64_t c = 0; c < C; ++c) {
+      const VT m0 = load<VT>(M + c * z.Sp + s), m1 = load<VT>(M + c * z.Sp + s + N);
+      for (int64_t j = 0; j < G; ++j) {
+        const VT w = splat<VT>(coef[j * C + c]);
+        a0[j] += w * m0;
+        a1[j] += w * m1;
+      }
+    }
+    for (int64_t j = 0; j < G; ++j) store(out + j * z.Sp + s, a0[j]), store(out + j * z.Sp + s + N, a1[j]);
+  }
+  for (; s < z.Sp; s += N) {
+    VT a[G];
+    for (int64_t j = 0; j < G; ++j) a[j] = load<VT>(out + j * z.Sp + s);
+    for (int64_t c = 0; c < C; ++c) {
+      const VT m = load<VT>(M + c * z.Sp + s);
+      for (int64_t j = 0; j < G; ++j) a[j] += coef[j * C + c] * m;
+    }
+    for (int64_t j = 0; j < G; ++j) store(out + j * z.Sp + s, a[j]);
+  }
+}
+
 // the group's logit rows: the bias, then + q . k for every key
 template <typename T>
 void logit_rows(const Sizes& z, int64_t l0, const T* rb, const T* cb, const T* Qg, const T* Kp, T* Lg) {
-  using VT = typename WideVec<T>::type;
-  constexpr int64_t N = WideVec<T>::N;
   for (int64_t j = 0; j < G; ++j) {
     const int64_t l = std::min(l0 + j, z.L - 1);
     const T* r = rb + l * z.Sr;
@@ -109,56 +137,63 @@ void logit_rows(const Sizes& z, int64_t l0, const T* rb, const T* cb, const T* Q
     }
     std::fill(row + z.S, row + z.Sp, -std::numeric_limits<T>::infinity());
   }
-  for (int64_t s = 0; s < z.Sp; s += N) {
-    VT acc[G];
-    for (int64_t j = 0; j < G; ++j) acc[j] = load<VT>(Lg + j * z.Sp + s);
-    for (int64_t c = 0; c < z.d; ++c) {
-      const VT kv = load<VT>(Kp + c * z.Sp + s);
-      for (int64_t j = 0; j < G; ++j) acc[j] += Qg[j * z.d + c] * kv;
-    }
-    for (int64_t j = 0; j < G; ++j) store(Lg + j * z.Sp + s, acc[j]);
-  }
+  combine(z, Qg, Kp, z.d, Lg);
 }
 
-// rows[j][s] . M[c][s] for every channel c -> out[j][c]: dot products along the keys
+// rows[j][s] . M[c][s] for every channel c -> out[j][c]: dot products along the keys, two
+// channels per pass so each row vector loaded feeds two FMAs
 template <typename T> void dots(const Sizes& z, const T* rows, const T* M, int64_t C, T* out) {
   using VT = typename WideVec<T>::type;
   constexpr int64_t N = WideVec<T>::N;
-  for (int64_t c = 0; c < C; ++c) {
-    VT acc[G] = {};
+  int64_t c = 0;
+  for (; c + 2 <= C; c += 2) {
+    VT a0[G] = {}, a1[G] = {};
+    const T *m0 = M + c * z.Sp, *m1 = m0 + z.Sp;
+    for (int64_t s = 0; s < z.Sp; s += N) {
+      const VT v0 = load<VT>(m0 + s), v1 = load<VT>(m1 + s);
+      for (int64_t j = 0; j < G; ++j) {
+        const VT r = load<VT>(rows + j * z.Sp + s);
+        a0[j] += r * v0;
+        a1[j] += r * v1;
+      }
+    }
+    for (int64_t j = 0; j < G; ++j) out[j * C + c] = hsum(a0[j]), out[j * C + c + 1] = hsum(a1[j]);
+  }
+  for (; c < C; ++c) {
+    VT a[G] = {};
     const T* m = M + c * z.Sp;
     for (int64_t s = 0; s < z.Sp; s += N) {
       const VT mv = load<VT>(m + s);
-      for (int64_t j = 0; j < G; ++j) acc[j] += load<VT>(rows + j * z.Sp + s) * mv;
+      for (int64_t j = 0; j < G; ++j) a[j] += load<VT>(rows + j * z.Sp + s) * mv;
     }
-    for (int64_t j = 0; j < G; ++j) out[j * C + c] = hsum(acc[j]);
+    for (int64_t j = 0; j < G; ++j) out[j * C + c] = hsum(a[j]);
   }
 }
 
-// out[j][s] = sum_c coef[j][c] M[c][s] (+= when accumulate): logits-like products along the channels
-template <typename T> void combine(const Sizes& z, const T* coef, const T* M, int64_t C, T* out) {
-  using VT = typename WideVec<T>::type;
-  constexpr int64_t N = WideVec<T>::N;
-  for (int64_t s = 0; s < z.Sp; s += N) {
-    VT acc[G] = {};
-    for (int64_t c = 0; c < C; ++c) {
-      const VT mv = load<VT>(M + c * z.Sp + s);
-      for (int64_t j = 0; j < G; ++j) acc[j] += coef[j * C + c] * mv;
-    }
-    for (int64_t j = 0; j < G; ++j) store(out + j * z.Sp + s, acc[j]);
-  }
-}
-
-// M[c][s] += sum_j coef[j][c] rows[j][s]: gradients of the keys and values
+// M[c][s] += sum_j coef[j][c] rows[j][s]: gradients of the keys and values, two channels per
+// pass so each row vector loaded feeds two FMAs
 template <typename T> void axpys(const Sizes& z, const T* coef, const T* rows, int64_t C, T* M) {
   using VT = typename WideVec<T>::type;
   constexpr int64_t N = WideVec<T>::N;
-  for (int64_t c = 0; c < C; ++c) {
+  int64_t c = 0;
+  for (; c + 2 <= C; c += 2) {
+    T *m0 = M + c * z.Sp, *m1 = m0 + z.Sp;
+    for (int64_t s = 0; s < z.Sp; s += N) {
+      VT a0 = load<VT>(m0 + s), a1 = load<VT>(m1 + s);
+      for (int64_t j = 0; j < G; ++j) {
+        const VT r = load<VT>(rows + j * z.Sp + s);
+        a0 += coef[j * C + c] * r;
+        a1 += coef[j * C + c + 1] * r;
+      }
+      store(m0 + s, a0), store(m1 + s, a1);
+    }
+  }
+  for (; c < C; ++c) {
     T* m = M + c * z.Sp;
     for (int64_t s = 0; s < z.Sp; s += N) {
-      VT acc = load<VT>(m + s);
-      for (int64_t j = 0; j < G; ++j) acc += coef[j * C + c] * load<VT>(rows + j * z.Sp + s);
-      store(m + s, acc);
+      VT a = load<VT>(m + s);
+      for (int64_t j = 0; j < G; ++j) a += coef[j * C + c] * load<VT>(rows + j * z.Sp + s);
+      store(m + s, a);
     }
   }
 }
@@ -258,6 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
             gather(g, GO, z.dv, Gg.data());
             gather(g, O, z.dv, Og.data());
             logit_rows(z, l0, rb, cb, Qg.data(), Kp.data(), Pr.data());
+            std::fill(DS.begin(), DS.end(), T(0));
             combine(z, Gg.data(), Vp.data(), z.dv, DS.data());  // dP[j][s] = dout_j . v_s
             // probabilities from the saved log-sum-exp; ds = p (dP - dout . out)
             for (int64_t j = 0; j < G; ++j) {

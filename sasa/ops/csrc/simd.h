@@ -1,12 +1,12 @@
 // Vector helpers shared by the CPU kernels: the compiler's vector extensions (``Vec``: 8 floats /
-// 4 doubles, AVX2 width; ``WideVec``: 16 / 8, AVX-512 width, two AVX2 registers elsewhere;
-// -march=native lets the compiler pick the instructions), loads and stores at any alignment, and a
-// vectorised exp.
+// 4 doubles, AVX2 width; ``WideVec``: AVX-512 width where available; -march=native lets the
+// compiler pick the instructions), loads and stores at any alignment, and a vectorised exp.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace sasa_simd {
 
@@ -20,9 +20,15 @@ typedef double d8 __attribute__((vector_size(64)));
 template <typename T> struct Vec;
 template <> struct Vec<float> { using type = f8; static constexpr int64_t N = 8; };
 template <> struct Vec<double> { using type = d4; static constexpr int64_t N = 4; };
+// The widest registers the machine has: AVX-512's where the compiler targets it, else AVX2's
+// (emulating 512-bit vectors there would double the registers a register-blocked loop needs).
 template <typename T> struct WideVec;
+#ifdef __AVX512F__
 template <> struct WideVec<float> { using type = f16; static constexpr int64_t N = 16; };
 template <> struct WideVec<double> { using type = d8; static constexpr int64_t N = 8; };
+#else
+template <typename T> struct WideVec : Vec<T> {};
+#endif
 
 template <typename VT, typename T> inline VT load(const T* p) {
   VT v;
