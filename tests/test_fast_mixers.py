@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import saved_bytes
 from sasa.layers import create_mixer
 from sasa.layers._kernels import counting_flops
+from sasa.layers.stem import StemAttention2d
 from sasa.ops import cpu_extension
 from sasa.ops.blocked_attention import blocked_attention, reference_blocked_attention
 from sasa.ops.footprint_aggregate import footprint_aggregate, reference_footprint_aggregate
@@ -183,3 +184,18 @@ def test_counting_flops_is_seen_only_inside_the_counter():
     with FlopCounterMode(display=False):
         assert counting_flops()
     assert not counting_flops()
+
+
+@pytest.mark.parametrize("values", ["spatially_aware", "plain", "conv"])
+@pytest.mark.parametrize("pos_enc", ["relative", "none"])
+def test_fast_attention_stem_equals_reference(values, pos_enc):
+    """The paper's stem is halo blocks without a halo: 4 x 4 tiles, partial at the borders here."""
+    torch.manual_seed(0)
+    fast = StemAttention2d(3, 16, heads=4, pos_enc=pos_enc, values=values).double()
+    reference = StemAttention2d(3, 16, heads=4, pos_enc=pos_enc, values=values, impl="reference").double()
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 7, 9, dtype=D, requires_grad=True)
+    torch.testing.assert_close(fast(x), reference(x))
+    grad = torch.randn(2, 16, 7, 9, dtype=D)
+    for g_fast, g_ref in zip(torch.autograd.grad(fast(x), [x, *fast.parameters()], grad), torch.autograd.grad(reference(x), [x, *reference.parameters()], grad)):
+        torch.testing.assert_close(g_fast, g_ref)

@@ -15,7 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sasa.layers._checks import check_choice, check_divisible, check_positive_int
+from sasa.layers._kernels import kernel
+from sasa.layers.blocked import blocked_attention_2d, halo_axis
 from sasa.layers.sasa2d import add_relative_embeddings
+from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
 
 
 VALUES = ("spatially_aware", "plain", "conv")
@@ -34,19 +37,26 @@ class StemAttention2d(nn.Module):
 
     Logits are q.k plus, with ``pos_enc='relative'``, the row/column-offset term of
     :class:`sasa.SASA2d`. Tiles that overhang the image are padded, and the padded keys masked out.
+    ``impl="reference"`` computes it on gathered tiles; ``"fast"`` (default) as blocks of
+    ``sasa.layers.blocked`` (halo blocks with no halo), never storing the logits.
     """
 
-    def __init__(self, in_channels, out_channels, block_size=4, heads=8, mixtures=4, pos_enc="relative", values="spatially_aware"):
+    counted_impl = "reference"  # the FLOP counter sees its matrix products
+
+    def __init__(
+        self, in_channels, out_channels, block_size=4, heads=8, mixtures=4, pos_enc="relative", values="spatially_aware", impl="fast"
+    ):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("block_size", block_size), ("heads", heads), ("mixtures", mixtures)):
             check_positive_int(name, value)
         check_choice("pos_enc", pos_enc, ("relative", "none"))
         check_choice("values", values, VALUES)
+        check_choice("impl", impl, tuple(BLOCKED_ATTENTION_IMPLS))
         check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
         self.head_dim = out_channels // heads
         if pos_enc == "relative":
             check_divisible("out_channels", out_channels, 2 * heads, "row and column halves of each head's embedding")
-        self.out_channels, self.block_size, self.heads, self.value_kind = out_channels, block_size, heads, values
+        self.out_channels, self.block_size, self.heads, self.value_kind, self.impl = out_channels, block_size, heads, values, impl
         self.qk = nn.Conv2d(in_channels, 2 * out_channels, 1, bias=False)
         if values == "spatially_aware":
             self.mixtures = mixtures
@@ -76,7 +86,26 @@ class StemAttention2d(nn.Module):
         cols = self.rel_col[:, :, offset][:, :, None, :, None, :].expand(-1, -1, b, b, b, b)
         return torch.cat([rows, cols], dim=1).reshape(self.heads, self.head_dim, b * b, b * b)
 
+    def _mixture(self):
+        """(b, b, mixtures): p(a, b, .) of the spatially aware values."""
+        return ((self.emb_row[:, None] + self.emb_col[None, :]) @ self.mixture_logits.t()).softmax(-1)
+
     def forward(self, x):
+        return getattr(self, f"_{kernel(self)}")(x)
+
+    def _fast(self, x):
+        B, _, H, W = x.shape
+        b = self.block_size
+        q, k = self.qk(x).view(B, 2, self.heads, self.head_dim, H, W).unbind(1)
+        v = self.values(x)
+        if self.value_kind == "spatially_aware":  # pixel (y, x) mixes by its place in its tile
+            weights = self._mixture()[torch.arange(H, device=x.device) % b][:, torch.arange(W, device=x.device) % b]
+            v = torch.einsum("bmcyx,yxm->bcyx", v.view(B, self.mixtures, self.out_channels, H, W), weights)
+        rows, cols = (halo_axis(n, b, 0, x.dtype, x.device) for n in (H, W))
+        v = v.view(B, self.heads, self.head_dim, H, W)
+        return blocked_attention_2d(q, k, v, rows, cols, self.rel_row, self.rel_col).reshape(B, self.out_channels, H, W)
+
+    def _reference(self, x):
         B, _, H, W = x.shape
         b, heads, hd = self.block_size, self.heads, self.head_dim
         pad_h, pad_w = -H % b, -W % b
@@ -85,8 +114,8 @@ class StemAttention2d(nn.Module):
         q, k = self._tiles(self.qk(x)).view(B, -1, b * b, 2, heads, hd).permute(3, 0, 1, 4, 2, 5)  # (B, T, h, b*b, hd)
         v = self._tiles(self.values(x))  # the right/bottom zero padding is the conv's own (values='conv')
         if self.value_kind == "spatially_aware":
-            mix = ((self.emb_row[:, None] + self.emb_col[None, :]) @ self.mixture_logits.t()).softmax(-1)  # (b, b, m)
-            v = torch.einsum("btpmc,pm->btpc", v.view(B, -1, b * b, self.mixtures, self.out_channels), mix.view(b * b, self.mixtures))
+            mix = self._mixture().view(b * b, self.mixtures)
+            v = torch.einsum("btpmc,pm->btpc", v.view(B, -1, b * b, self.mixtures, self.out_channels), mix)
         v = v.reshape(B, -1, b * b, heads, hd).transpose(2, 3)
         logits = q @ k.transpose(-1, -2)
         if self.rel_row is not None:
@@ -111,14 +140,16 @@ def conv_stem(in_chans, out_channels, *, small_input=False, **_):
     return nn.Sequential(OrderedDict(layers))
 
 
-def attention_stem(in_chans, out_channels, *, small_input=False, heads=8, pos_enc="relative", mixtures=4, values="spatially_aware", **_):
+def attention_stem(
+    in_chans, out_channels, *, small_input=False, heads=8, pos_enc="relative", mixtures=4, values="spatially_aware", impl="fast", **_
+):
     """The paper's stem: 4x4-tile attention (spatially-aware values unless ``values`` says
     otherwise), batch norm, 4x4 max pool (no pool for small inputs). The paper applies no ReLU
     between them; neither do we. ``absolute`` falls back to ``none`` here: the values' mixing or
     convolution already knows positions, and the ablation compares the values alone."""
     pos_enc = "relative" if pos_enc == "relative" else "none"
     layers = [
-        ("attn", StemAttention2d(in_chans, out_channels, block_size=4, heads=heads, mixtures=mixtures, pos_enc=pos_enc, values=values)),
+        ("attn", StemAttention2d(in_chans, out_channels, 4, heads, mixtures, pos_enc, values, impl)),
         ("bn", nn.BatchNorm2d(out_channels)),
     ]
     if not small_input:

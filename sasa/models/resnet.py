@@ -112,7 +112,7 @@ class ResNet(nn.Module):
         self.in_chans = in_chans
         self.min_input_size = STEM_STRIDE[bool(small_input)] * 8
         shared = dict(kernel_size=kernel_size, heads=heads, pos_enc=pos_enc, impl=impl)
-        self.stem = STEMS[stem](in_chans, widths[0], small_input=small_input, heads=heads, pos_enc=pos_enc)
+        self.stem = STEMS[stem](in_chans, widths[0], small_input=small_input, heads=heads, pos_enc=pos_enc, impl=impl)
         channels, in_stride = widths[0], STEM_STRIDE[bool(small_input)]
         for group, (n, w) in enumerate(zip(blocks, widths), start=1):
             attends = group in attention_groups
