@@ -93,26 +93,32 @@ template <typename T> void gather(const Group& g, const Plane<T>& src, int64_t C
     for (int64_t c = 0; c < C; ++c) dst[j * C + c] = g.real[j] ? src.at(c, g.pix[j]) : T(0);
 }
 
-// out[j][s] = init[j][s] + sum_c coef[j][c] M[c][s] for the group's rows (logits: coef = q, M = k;
-// dP: coef = dout, M = v). Two key vectors per step: each coefficient loaded once feeds two FMAs.
-template <typename T> void combine(const Sizes& z, const T* coef, const T* M, int64_t C, T* out) {
+// The row-wise products below work on keys [s0, s1) of rows of stride Sp: the backward pass walks
+// the keys in chunks of KEYS_PER_CHUNK, so the chunk of every row it touches (logits,
+// probabilities, their gradients, keys, values and their gradients) stays in L1 cache; whole rows
+// of global attention (784 keys) would stream from L2 once per channel pair.
+constexpr int64_t KEYS_PER_CHUNK = 128;
+
+// out[j][s] += sum_c coef[j][c] M[c][s] for the group's rows (logits: coef = q, M = k; dP: coef =
+// dout, M = v). Two key vectors per step: each coefficient loaded once feeds two FMAs.
+template <typename T> void combine(const Sizes& z, const T* coef, const T* M, int64_t C, T* out, int64_t s0, int64_t s1) {
   using VT = typename WideVec<T>::type;
   constexpr int64_t N = WideVec<T>::N;
-  int64_t s = 0;
-  for (; s + 2 * N <= z.Sp; s += 2 * N) {
+  int64_t s = s0;
+  for (; s + 2 * N <= s1; s += 2 * N) {
     VT a0[G], a1[G];
     for (int64_t j = 0; j < G; ++j) a0[j] = load<VT>(out + j * z.Sp + s), a1[j] = load<VT>(out + j * z.Sp + s + N);
     for (int64_t c = 0; c < C; ++c) {
       const VT m0 = load<VT>(M + c * z.Sp + s), m1 = load<VT>(M + c * z.Sp + s + N);
       for (int64_t j = 0; j < G; ++j) {
-        const VT w = splat<VT>(coef[j * C + c]);
+        const T w = coef[j * C + c];  // a scalar operand: one broadcast load per FMA pair
         a0[j] += w * m0;
         a1[j] += w * m1;
       }
     }
     for (int64_t j = 0; j < G; ++j) store(out + j * z.Sp + s, a0[j]), store(out + j * z.Sp + s + N, a1[j]);
   }
-  for (; s < z.Sp; s += N) {
+  for (; s < s1; s += N) {
     VT a[G];
     for (int64_t j = 0; j < G; ++j) a[j] = load<VT>(out + j * z.Sp + s);
     for (int64_t c = 0; c < C; ++c) {
@@ -123,9 +129,8 @@ template <typename T> void combine(const Sizes& z, const T* coef, const T* M, in
   }
 }
 
-// the group's logit rows: the bias, then + q . k for every key
-template <typename T>
-void logit_rows(const Sizes& z, int64_t l0, const T* rb, const T* cb, const T* Qg, const T* Kp, T* Lg) {
+// the group's bias rows: row_bias[l][a] + col_bias[l][x] at key a * Sc + x, -inf for padding keys
+template <typename T> void bias_rows(const Sizes& z, int64_t l0, const T* rb, const T* cb, T* Lg) {
   for (int64_t j = 0; j < G; ++j) {
     const int64_t l = std::min(l0 + j, z.L - 1);
     const T* r = rb + l * z.Sr;
@@ -137,19 +142,18 @@ void logit_rows(const Sizes& z, int64_t l0, const T* rb, const T* cb, const T* Q
     }
     std::fill(row + z.S, row + z.Sp, -std::numeric_limits<T>::infinity());
   }
-  combine(z, Qg, Kp, z.d, Lg);
 }
 
-// rows[j][s] . M[c][s] for every channel c -> out[j][c]: dot products along the keys, two
-// channels per pass so each row vector loaded feeds two FMAs
-template <typename T> void dots(const Sizes& z, const T* rows, const T* M, int64_t C, T* out) {
-  using VT = typename WideVec<T>::type;
+// acc[j][c] += rows[j][s] * M[c][s] over the keys, as vectors (summed across lanes by the caller):
+// two channels per pass so each row vector loaded feeds two FMAs
+template <typename T, typename VT> void dots(const Sizes& z, const T* rows, const T* M, int64_t C, VT* acc, int64_t s0, int64_t s1) {
   constexpr int64_t N = WideVec<T>::N;
   int64_t c = 0;
   for (; c + 2 <= C; c += 2) {
-    VT a0[G] = {}, a1[G] = {};
+    VT a0[G], a1[G];
+    for (int64_t j = 0; j < G; ++j) a0[j] = acc[j * C + c], a1[j] = acc[j * C + c + 1];
     const T *m0 = M + c * z.Sp, *m1 = m0 + z.Sp;
-    for (int64_t s = 0; s < z.Sp; s += N) {
+    for (int64_t s = s0; s < s1; s += N) {
       const VT v0 = load<VT>(m0 + s), v1 = load<VT>(m1 + s);
       for (int64_t j = 0; j < G; ++j) {
         const VT r = load<VT>(rows + j * z.Sp + s);
@@ -157,43 +161,46 @@ template <typename T> void dots(const Sizes& z, const T* rows, const T* M, int64
         a1[j] += r * v1;
       }
     }
-    for (int64_t j = 0; j < G; ++j) out[j * C + c] = hsum(a0[j]), out[j * C + c + 1] = hsum(a1[j]);
+    for (int64_t j = 0; j < G; ++j) acc[j * C + c] = a0[j], acc[j * C + c + 1] = a1[j];
   }
   for (; c < C; ++c) {
-    VT a[G] = {};
     const T* m = M + c * z.Sp;
-    for (int64_t s = 0; s < z.Sp; s += N) {
+    for (int64_t s = s0; s < s1; s += N) {
       const VT mv = load<VT>(m + s);
-      for (int64_t j = 0; j < G; ++j) a[j] += load<VT>(rows + j * z.Sp + s) * mv;
+      for (int64_t j = 0; j < G; ++j) acc[j * C + c] += load<VT>(rows + j * z.Sp + s) * mv;
     }
-    for (int64_t j = 0; j < G; ++j) out[j * C + c] = hsum(a[j]);
   }
 }
 
-// M[c][s] += sum_j coef[j][c] rows[j][s]: gradients of the keys and values, two channels per
-// pass so each row vector loaded feeds two FMAs
-template <typename T> void axpys(const Sizes& z, const T* coef, const T* rows, int64_t C, T* M) {
+// M[c][s] += sum_j coef[j][c] rows[j][s]: gradients of the keys and values. Two channels and two
+// key vectors per step: four independent sums over the group's rows (one sum would wait out the
+// FMA latency G times per vector), each row vector loaded once for two FMAs.
+template <typename T> void axpys(const Sizes& z, const T* coef, const T* rows, int64_t C, T* M, int64_t s0, int64_t s1) {
   using VT = typename WideVec<T>::type;
   constexpr int64_t N = WideVec<T>::N;
-  int64_t c = 0;
-  for (; c + 2 <= C; c += 2) {
-    T *m0 = M + c * z.Sp, *m1 = m0 + z.Sp;
-    for (int64_t s = 0; s < z.Sp; s += N) {
-      VT a0 = load<VT>(m0 + s), a1 = load<VT>(m1 + s);
+  for (int64_t c = 0; c < C; c += 2) {
+    const bool pair = c + 1 < C;
+    T *m0 = M + c * z.Sp, *m1 = pair ? m0 + z.Sp : m0;
+    VT w0[G], w1[G];  // the coefficients broadcast once, not once per key vector
+    for (int64_t j = 0; j < G; ++j) w0[j] = splat<VT>(coef[j * C + c]), w1[j] = splat<VT>(pair ? coef[j * C + c + 1] : T(0));
+    int64_t s = s0;
+    for (; s + 2 * N <= s1; s += 2 * N) {
+      VT a00 = load<VT>(m0 + s), a01 = load<VT>(m0 + s + N), a10 = {}, a11 = {};
+      for (int64_t j = 0; j < G; ++j) {
+        const VT r0 = load<VT>(rows + j * z.Sp + s), r1 = load<VT>(rows + j * z.Sp + s + N);
+        a00 += w0[j] * r0, a01 += w0[j] * r1, a10 += w1[j] * r0, a11 += w1[j] * r1;
+      }
+      store(m0 + s, a00), store(m0 + s + N, a01);
+      if (pair) store(m1 + s, load<VT>(m1 + s) + a10), store(m1 + s + N, load<VT>(m1 + s + N) + a11);
+    }
+    for (; s < s1; s += N) {
+      VT a0 = load<VT>(m0 + s), a1 = {};
       for (int64_t j = 0; j < G; ++j) {
         const VT r = load<VT>(rows + j * z.Sp + s);
-        a0 += coef[j * C + c] * r;
-        a1 += coef[j * C + c + 1] * r;
+        a0 += w0[j] * r, a1 += w1[j] * r;
       }
-      store(m0 + s, a0), store(m1 + s, a1);
-    }
-  }
-  for (; c < C; ++c) {
-    T* m = M + c * z.Sp;
-    for (int64_t s = 0; s < z.Sp; s += N) {
-      VT a = load<VT>(m + s);
-      for (int64_t j = 0; j < G; ++j) a += coef[j * C + c] * load<VT>(rows + j * z.Sp + s);
-      store(m + s, a);
+      store(m0 + s, a0);
+      if (pair) store(m1 + s, load<VT>(m1 + s) + a1);
     }
   }
 }
@@ -214,7 +221,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
     using VT = typename WideVec<T>::type;
     constexpr int64_t N = WideVec<T>::N;
     at::parallel_for(0, z.BH * z.blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> Kp(z.d * z.Sp), Vp(z.dv * z.Sp), Lg(G * z.Sp), Qg(G * z.d), Og(G * z.dv);
+      std::vector<T> Kp(z.d * z.Sp), Vp(z.dv * z.Sp), Lg(G * z.Sp), Qg(G * z.d);
+      std::vector<VT> acc(G * z.dv);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t bh = p / z.blocks, block = p % z.blocks;
         const int64_t* queries = qi.data_ptr<int64_t>() + block * z.L;
@@ -227,7 +235,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
         for (int64_t l0 = 0; l0 < z.L; l0 += G) {
           const Group g = group(queries, l0, z.L);
           gather(g, Q, z.d, Qg.data());
-          logit_rows(z, l0, rb, cb, Qg.data(), Kp.data(), Lg.data());
+          bias_rows(z, l0, rb, cb, Lg.data());
+          combine(z, Qg.data(), Kp.data(), z.d, Lg.data(), 0, z.Sp);
           T inv[G];
           for (int64_t j = 0; j < G; ++j) {
             T* row = Lg.data() + j * z.Sp;
@@ -244,10 +253,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
             inv[j] = T(1) / total;
             if (l0 + j < z.L) lse_p[l0 + j] = m + std::log(total);
           }
-          dots(z, Lg.data(), Vp.data(), z.dv, Og.data());
+          std::fill(acc.begin(), acc.end(), VT{});
+          for (int64_t s0 = 0; s0 < z.Sp; s0 += KEYS_PER_CHUNK) dots<T>(z, Lg.data(), Vp.data(), z.dv, acc.data(), s0, std::min(z.Sp, s0 + KEYS_PER_CHUNK));
           for (int64_t j = 0; j < G; ++j)
             if (g.real[j])
-              for (int64_t c = 0; c < z.dv; ++c) O.at(c, g.pix[j]) = Og[j * z.dv + c] * inv[j];
+              for (int64_t c = 0; c < z.dv; ++c) O.at(c, g.pix[j]) = hsum(acc[j * z.dv + c]) * inv[j];
         }
       }
     });
@@ -270,7 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     constexpr int64_t N = WideVec<T>::N;
     at::parallel_for(0, z.BH, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> Kp(z.d * z.Sp), Vp(z.dv * z.Sp), dKp(z.d * z.Sp), dVp(z.dv * z.Sp);
-      std::vector<T> Pr(G * z.Sp), DS(G * z.Sp), Qg(G * z.d), Gg(G * z.dv), Og(G * z.dv), dQg(G * z.d);
+      std::vector<T> Pr(G * z.Sp), DS(G * z.Sp), Qg(G * z.d), Gg(G * z.dv), Og(G * z.dv);
+      std::vector<VT> dq_acc(G * z.d);
       for (int64_t bh = begin; bh < end; ++bh) {
         const Plane<T> Q(q, bh), GO(grad_out, bh), O(out, bh), dQ(dq, bh), dK(dk, bh), dV(dv, bh);
         for (int64_t block = 0; block < z.blocks; ++block) {
@@ -292,26 +303,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
             gather(g, Q, z.d, Qg.data());
             gather(g, GO, z.dv, Gg.data());
             gather(g, O, z.dv, Og.data());
-            logit_rows(z, l0, rb, cb, Qg.data(), Kp.data(), Pr.data());
-            std::fill(DS.begin(), DS.end(), T(0));
-            combine(z, Gg.data(), Vp.data(), z.dv, DS.data());  // dP[j][s] = dout_j . v_s
-            // probabilities from the saved log-sum-exp; ds = p (dP - dout . out)
+            T delta[G], lse_g[G];  // sum_s p_s (dout . v_s) = dout . out
             for (int64_t j = 0; j < G; ++j) {
-              T delta = 0;
-              for (int64_t c = 0; c < z.dv; ++c) delta += Gg[j * z.dv + c] * Og[j * z.dv + c];
-              const T lse_j = lse_p[std::min(l0 + j, z.L - 1)];
-              T* pr = Pr.data() + j * z.Sp;
-              T* ds = DS.data() + j * z.Sp;
-              for (int64_t s = 0; s < z.Sp; s += N) {
-                const VT prob = vexp(load<VT>(pr + s) - lse_j);
-                store(pr + s, prob);
-                store(ds + s, prob * (load<VT>(ds + s) - delta));
-              }
+              delta[j] = 0;
+              for (int64_t c = 0; c < z.dv; ++c) delta[j] += Gg[j * z.dv + c] * Og[j * z.dv + c];
+              lse_g[j] = lse_p[std::min(l0 + j, z.L - 1)];
             }
-            dots(z, DS.data(), Kp.data(), z.d, dQg.data());
+            bias_rows(z, l0, rb, cb, Pr.data());
+            std::fill(DS.begin(), DS.end(), T(0));
+            std::fill(dq_acc.begin(), dq_acc.end(), VT{});
+            for (int64_t s0 = 0; s0 < z.Sp; s0 += KEYS_PER_CHUNK) {
+              const int64_t s1 = std::min(z.Sp, s0 + KEYS_PER_CHUNK);
+              combine(z, Qg.data(), Kp.data(), z.d, Pr.data(), s0, s1);   // logits
+              combine(z, Gg.data(), Vp.data(), z.dv, DS.data(), s0, s1);  // dP[j][s] = dout_j . v_s
+              // probabilities from the saved log-sum-exp; ds = p (dP - dout . out)
+              for (int64_t j = 0; j < G; ++j) {
+                T* pr = Pr.data() + j * z.Sp;
+                T* ds = DS.data() + j * z.Sp;
+                for (int64_t s = s0; s < s1; s += N) {
+                  const VT prob = vexp(load<VT>(pr + s) - lse_g[j]);
+                  store(pr + s, prob);
+                  store(ds + s, prob * (load<VT>(ds + s) - delta[j]));
+                }
+              }
+              dots<T>(z, DS.data(), Kp.data(), z.d, dq_acc.data(), s0, s1);
+              axpys(z, Qg.data(), DS.data(), z.d, dKp.data(), s0, s1);
+              axpys(z, Gg.data(), Pr.data(), z.dv, dVp.data(), s0, s1);
+            }
             for (int64_t j = 0; j < G && l0 + j < z.L; ++j) {
               if (g.real[j])
-                for (int64_t c = 0; c < z.d; ++c) dQ.at(c, g.pix[j]) = dQg[j * z.d + c];
+                for (int64_t c = 0; c < z.d; ++c) dQ.at(c, g.pix[j]) = hsum(dq_acc[j * z.d + c]);
               // bias gradients: ds summed over the other axis of the keys
               const T* __restrict__ ds = DS.data() + j * z.Sp;
               T* __restrict__ dc = dC + (l0 + j) * z.Sc;
@@ -327,8 +348,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                 dR[(l0 + j) * z.Sr + a] = (sum[0] + sum[1]) + (sum[2] + sum[3]);
               }
             }
-            axpys(z, Qg.data(), DS.data(), z.d, dKp.data());
-            axpys(z, Gg.data(), Pr.data(), z.dv, dVp.data());
           }
           // blocks overlap: add this block's key and value gradients into the planes
           for (int64_t c = 0; c < z.d; ++c)
