@@ -1,5 +1,8 @@
 """Layer benchmark: every attention mixer, each with its fast and its reference kernel
 (``sasa_fast``, ``sasa_reference``, ``halo_fast``, ...), against a 3x3 convolution of the same width.
+``sdpa_core`` is a floor for the global mixers (bot, aa): PyTorch's own fused attention
+(``F.scaled_dot_product_attention``) over all pixels with the mixers' 8 heads, without their
+projections or relative logits.
 
 Forward + backward: median time over repeats, the activation memory autograd keeps for the
 backward pass, and the peak memory of the step (GPU: allocator peak; CPU: growth of the
@@ -14,7 +17,7 @@ from benchmarks.common import in_fresh_process, measure_steps, median, positive_
 
 MIXERS = ("sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise")
 IMPLS = ("fast", "reference")
-LAYERS = ("conv3x3", *(f"{mixer}_{impl}" for mixer in MIXERS for impl in IMPLS))
+LAYERS = ("conv3x3", *(f"{mixer}_{impl}" for mixer in MIXERS for impl in IMPLS), "sdpa_core")
 DEFAULT_SHAPES = [(8, 128, 28, 28), (8, 64, 56, 56), (8, 256, 14, 14)]  # ResNet groups 2, 1, 3 at 224 px / 2
 
 
@@ -25,6 +28,10 @@ def _build(layer, channels, kernel_size):
 
     if layer == "conv3x3":
         return create_mixer("conv", channels, channels)
+    if layer == "sdpa_core":
+        from benchmarks.sdpa_core import SDPACore
+
+        return SDPACore(heads=8)
     mixer, impl = layer.rsplit("_", 1)
     options = {"block_size": 8, "halo": kernel_size // 2} if mixer == "halo" else {}
     return create_mixer(mixer, channels, channels, shared={"kernel_size": kernel_size, "heads": 8, "impl": impl}, **options)

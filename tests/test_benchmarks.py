@@ -17,7 +17,7 @@ def _bench(*args):
 
 def test_layer_benchmark_writes_json_and_markdown(tmp_path):
     out = tmp_path / "layer.json"
-    some = ["conv3x3", "sasa_fast", "sasa_reference", "halo_fast", "bot_reference"]  # each mixer builds: tests/test_mixers.py
+    some = ["conv3x3", "sasa_fast", "sasa_reference", "halo_fast", "bot_reference", "sdpa_core"]  # each mixer builds: tests/test_mixers.py
     done = _bench("layer", "--shapes", "2x16x12x12", "--kernel-sizes", "7", "--layers", *some, "--repeats", "2", "--warmup", "0",
                   "--out", str(out))
     assert done.returncode == 0, done.stderr
@@ -25,13 +25,23 @@ def test_layer_benchmark_writes_json_and_markdown(tmp_path):
     rows = {(r["layer"], r["kernel_size"]): r for r in result["rows"]}
     assert set(rows) == {(layer, 7) for layer in some}
     mixers = {"sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise"}
-    assert set(LAYERS) == {"conv3x3"} | {f"{m}_{impl}" for m in mixers for impl in ("fast", "reference")}  # the default runs them all
+    assert set(LAYERS) == {"conv3x3", "sdpa_core"} | {f"{m}_{impl}" for m in mixers for impl in ("fast", "reference")}  # the default runs them all
     assert rows["conv3x3", 7]["time_vs_conv"] == 1.0 and len(rows["sasa_fast", 7]["times_ms"]) == 2
     assert all(r["median_ms"] > 0 and r["saved_bytes"] > 0 for r in rows.values())
     # the reference keeps every k x k window for its backward pass, the fast kernel does not
     assert rows["sasa_reference", 7]["saved_bytes"] > 4 * rows["sasa_fast", 7]["saved_bytes"]
     assert result["machine"]["torch"] == torch.__version__
     assert "| sasa_fast | 2x16x12x12 | 7 |" in out.with_suffix(".md").read_text()
+
+
+def test_sdpa_core_is_global_attention_of_the_map_over_itself():
+    from benchmarks.sdpa_core import SDPACore
+
+    x = torch.randn(2, 16, 3, 5, dtype=torch.float64)
+    t = x.view(2, 8, 2, 15)  # (B, heads, d, pixels)
+    p = torch.softmax(t.transpose(-1, -2) @ t / 2**0.5, dim=-1)  # (B, heads, queries, keys)
+    expected = (t @ p.transpose(-1, -2)).view_as(x)
+    assert torch.allclose(SDPACore(heads=8)(x), expected)
 
 
 def test_model_benchmark_reports_throughput_against_the_conv_baseline(tmp_path):
