@@ -11,6 +11,7 @@ import sys
 from sasa import count, create_model, list_models
 from sasa.layers import MIXERS, STEMS
 from sasa.models import FORMS
+from sasa.models.resnet import RESNETS
 from sasa.paper import TABLE1
 
 
@@ -33,17 +34,25 @@ def _option(text):
     return key, yaml.safe_load(value)
 
 
+RESNET_OPTIONS = ("form", "stem", "attention_groups", "kernel_size", "heads", "pos_enc", "width", "small_input", "mixer", "mixer_arg")
+
+
 def _info(args):
-    kwargs = {
-        "form": args.form, "stem": args.stem, "attention_groups": args.attention_groups, "kernel_size": args.kernel_size,
-        "heads": args.heads, "pos_enc": args.pos_enc, "width": args.width, "num_classes": args.num_classes,
-        "in_chans": args.in_chans, "small_input": args.small_input, "mixer": args.mixer,
-        "mixer_args": dict(args.mixer_arg) if args.mixer_arg else None,
-    }
-    model = create_model(args.model, **{k: v for k, v in kwargs.items() if v is not None})
-    counts = count(model, args.resolution)
-    result = {"model": args.model, **model.config, "attention_groups": list(model.config["attention_groups"]),
-              "resolution": args.resolution, **counts.as_dict()}
+    given = [o for o in RESNET_OPTIONS if getattr(args, o) is not None]
+    if args.model in RESNETS:
+        if args.model_arg:
+            raise ValueError(f"--model-arg is for non-ResNet models; {args.model} takes --form, --stem, ... ")
+        kwargs = {o: getattr(args, o) for o in given if o != "mixer_arg"}
+        kwargs.setdefault("form", "conv")
+        if args.mixer_arg:
+            kwargs["mixer_args"] = dict(args.mixer_arg)
+    else:
+        if given:
+            raise ValueError(f"{', '.join('--' + o.replace('_', '-') for o in given)}: ResNet options; give {args.model}'s as --model-arg KEY=VALUE")
+        kwargs = dict(args.model_arg or [])
+    model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans, **kwargs)
+    counts = count(model, (args.in_chans, args.resolution, args.resolution))
+    result = json.loads(json.dumps({"model": args.model, **model.config, "resolution": args.resolution, **counts.as_dict()}))
     if args.json:
         print(json.dumps(result))
         return
@@ -93,8 +102,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sasa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameters, multiply-adds and FLOPs of one model")
-    info.add_argument("--model", required=True, help=f"one of {', '.join(list_models())}")
-    info.add_argument("--form", default="conv", help=f"one of {', '.join(FORMS)} (default: conv)")
+    info.add_argument("--model", required=True, help=f"one of {', '.join(list_models())}, or timm:NAME (any timm model)")
+    info.add_argument("--model-arg", type=_option, action="append", metavar="KEY=VALUE",
+                      help="an option of a non-ResNet model, e.g. img_size=32 (repeatable; YAML values: [4, 4] is a list)")
+    info.add_argument("--form", help=f"ResNets: one of {', '.join(FORMS)} (default: conv)")
     info.add_argument("--stem", help=f"one of {', '.join(STEMS)} (default: from --form)")
     info.add_argument("--attention-groups", type=_groups, help="e.g. 2,3,4 (default: from --form)")
     info.add_argument("--kernel-size", type=int, help="attention window k (default 7)")

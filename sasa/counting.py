@@ -1,6 +1,8 @@
 """Exact parameter, multiply-add and FLOP counts (FLOPs = 2 x multiply-adds, the paper's convention).
 
-Convolutions, linear layers and matmuls are counted by ``torch.utils.flop_counter``; the fast
+Convolutions, linear layers, matmuls and fused attention (``F.scaled_dot_product_attention``: on the
+CPU its kernel is registered here, since the counter knows only the GPU ones) are counted by
+``torch.utils.flop_counter``; the fast
 local-attention kernel is a custom op with its own registered formula (logits, the softmax
 weighting of values and the factorised relative-position terms); the other mixers are counted
 through their reference kernels, whose einsums the counter sees directly (``sasa.layers._kernels``
@@ -13,7 +15,27 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+_aten = torch.ops.aten
+_CPU_SDPA = _aten._scaled_dot_product_flash_attention_for_cpu
+_CPU_SDPA_BACKWARD = _aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# The same formulas the counter uses for the GPU's fused attention (two matmuls forward, four
+# backward); registered only where this torch has none of its own.
+if _CPU_SDPA not in flop_counter.flop_registry:
+
+    @flop_counter.register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+if _CPU_SDPA_BACKWARD not in flop_counter.flop_registry:
+
+    @flop_counter.register_flop_formula(_CPU_SDPA_BACKWARD)
+    def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 @dataclass(frozen=True)

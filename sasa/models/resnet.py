@@ -167,6 +167,9 @@ def from_torchvision_state_dict(state_dict):
     return renamed
 
 
+RESNETS = ("resnet26", "resnet38", "resnet50")
+
+
 @register_model
 def resnet26(**kwargs):
     return ResNet([1, 2, 4, 1], **kwargs)
