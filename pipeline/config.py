@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 import sasa
 from pipeline.locations import redact
+from sasa.models.registry import check_model
+from sasa.models.resnet import RESNETS
 
 
 class ConfigError(Exception):
@@ -39,9 +41,11 @@ class DataConfig(_Section):
 
 
 class ArchConfig(_Section):
-    """Keyword arguments of ``sasa.create_model``; ``None`` means the model's default."""
+    """Keyword arguments of ``sasa.create_model``; ``None`` means the model's default. The ResNets
+    take theirs as keys of their own (form, stem, ..., the keys ``models.common`` shares); every other
+    model (``timm:NAME``, ``cvt13``) takes all of its options in ``model_args``."""
 
-    model: Optional[str] = None
+    model: Optional[str] = Field(None, description="resnet26 | resnet38 | resnet50 | cvt13 | cvt21 | timm:NAME")
     form: Optional[str] = None
     stem: Optional[str] = None
     attention_groups: Optional[list[int]] = None
@@ -53,10 +57,18 @@ class ArchConfig(_Section):
     zero_init_residual: Optional[bool] = None
     mixer: Optional[str] = Field(None, description="what fills the attention groups: sasa, halo, bot, ... (sasa.layers.MIXERS)")
     mixer_args: Optional[dict[str, Any]] = Field(None, description="the mixer's own options, e.g. {block_size: 4, halo: 1}")
+    model_args: Optional[dict[str, Any]] = Field(None, description="a non-ResNet model's options, e.g. timm's {img_size: 20, patch_size: 4}")
 
     @property
     def model_name(self) -> str:
         return self.model or "resnet26"
+
+    @property
+    def is_resnet(self) -> bool:
+        return self.model_name in RESNETS
+
+    def resnet_keys_set(self) -> list[str]:
+        return [k for k in RESNET_KEYS if getattr(self, k) is not None]
 
     @property
     def form_name(self) -> str:
@@ -67,11 +79,26 @@ class ArchConfig(_Section):
         return self.mixer or "sasa"
 
     def merged_over(self, base: "ArchConfig") -> "ArchConfig":
+        """This variant over ``models.common``; a non-ResNet variant takes only its own keys (common's
+        are the ResNets')."""
+        if self.model is not None and self.model not in RESNETS:
+            return self
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
     def build(self, num_classes: int, in_chans: int):
-        kwargs = self.model_dump(exclude_none=True, exclude={"model"})
+        check_model(self.model_name)
+        if self.is_resnet:
+            if self.model_args is not None:
+                raise ValueError(f"model_args is for non-ResNet models; {self.model_name} takes its options as keys ({', '.join(RESNET_KEYS)})")
+            kwargs = self.model_dump(exclude_none=True, exclude={"model"})
+        else:
+            if self.resnet_keys_set():
+                raise ValueError(f"{', '.join(self.resnet_keys_set())}: ResNet keys; {self.model_name} takes its options in model_args")
+            kwargs = dict(self.model_args or {})
         return sasa.create_model(self.model_name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+RESNET_KEYS = tuple(k for k in ArchConfig.model_fields if k not in ("model", "model_args"))
 
 
 class ModelsConfig(_Section):
@@ -195,6 +222,11 @@ class ReportConfig(_Section):
 
 SAMPLERS = ("choice", "uniform", "loguniform", "randint")
 ARCH_KEYS = tuple(k for k in ArchConfig.model_fields if k != "model")
+MODEL_ARG_PREFIX = "model_args."  # sweep.space: model_args.patch_size sweeps one option of a non-ResNet model
+
+
+def is_arch_key(key: str) -> bool:
+    return key in ARCH_KEYS or (key.startswith(MODEL_ARG_PREFIX) and len(key) > len(MODEL_ARG_PREFIX))
 TRAIN_KEYS = tuple(k for k in TrainConfig.model_fields if k != "seeds")  # seeds repeat every trial, not a search axis
 
 
@@ -237,9 +269,9 @@ class SweepConfig(_Section):
         if not space:
             raise ValueError("define at least one key to sweep")
         for key, spec in space.items():
-            if key not in ARCH_KEYS + TRAIN_KEYS:
+            if not is_arch_key(key) and key not in TRAIN_KEYS:
                 hint = " (every trial runs once per train.seeds)" if key in ("seed", "seeds") else ""
-                raise ValueError(f"{key!r} cannot be swept{hint}; allowed: {', '.join(ARCH_KEYS + TRAIN_KEYS)}")
+                raise ValueError(f"{key!r} cannot be swept{hint}; allowed: {', '.join(ARCH_KEYS + TRAIN_KEYS)}, {MODEL_ARG_PREFIX}NAME")
             if isinstance(spec, list):
                 if not spec:
                     raise ValueError(f"{key}: an empty grid")
@@ -251,7 +283,7 @@ class SweepConfig(_Section):
                 raise ValueError(f"{key}: choice takes a non-empty list")
             if sampler != "choice" and not (isinstance(args, list) and len(args) == 2):
                 raise ValueError(f"{key}: {sampler} takes [low, high]")
-            if key in ARCH_KEYS and sampler != "choice":
+            if is_arch_key(key) and sampler != "choice":
                 raise ValueError(f"{key}: architecture keys take a list or choice, not {sampler}")
         return space
 
@@ -311,7 +343,14 @@ class Config(_Section):
         return TrainConfig.model_validate({**self.train.model_dump(), **self.sweep.train, **(overrides or {})})
 
     def trial_arch(self, overrides: dict) -> ArchConfig:
-        return ArchConfig.model_validate({**self.models.resolved(self.sweep.base).model_dump(), **overrides})
+        """The base variant with a trial's architecture values (``model_args.NAME`` sets one model option)."""
+        arch = self.models.resolved(self.sweep.base).model_dump()
+        for key, value in overrides.items():
+            if key.startswith(MODEL_ARG_PREFIX):
+                arch["model_args"] = {**(arch["model_args"] or {}), key[len(MODEL_ARG_PREFIX):]: value}
+            else:
+                arch[key] = value
+        return ArchConfig.model_validate(arch)
 
     def sweep_fingerprint(self) -> str:
         """Hash of everything that determines the sweep's trials; a change starts a new sweep."""
@@ -348,6 +387,24 @@ def _format(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _resolution_error(model, resolution: int) -> str | None:
+    """Why ``model`` cannot take ``resolution`` px images, or None. The ResNets know their minimum;
+    other models (fixed image sizes, windows that must divide the maps) are tried on one image."""
+    if hasattr(model, "min_input_size"):
+        if resolution < model.min_input_size:
+            return f"it needs at least {model.min_input_size} px (set models.common.small_input: true for 28-32 px images)"
+        return None
+    import torch
+
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, model.in_chans, resolution, resolution))
+    except (AssertionError, RuntimeError, ValueError) as err:
+        return f"it fails on {resolution} px images ({str(err).strip() or type(err).__name__}); fit its size options in model_args (e.g. img_size)"
+    return None
+
+
 def _check_variants(cfg: Config):
     """Build every variant once so architecture errors surface before any data or training work."""
     for name in cfg.models.variants:
@@ -356,24 +413,23 @@ def _check_variants(cfg: Config):
             model = arch.build(num_classes=10, in_chans=3)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"models.variants.{name}: {err}") from None
-        if cfg.data.resolution < model.min_input_size:
-            raise ConfigError(
-                f"data.resolution={cfg.data.resolution} is too small for models.variants.{name}: it needs at least "
-                f"{model.min_input_size} (set models.common.small_input: true for 28-32 px images)"
-            )
+        why = _resolution_error(model, cfg.data.resolution)
+        if why:
+            raise ConfigError(f"data.resolution={cfg.data.resolution} does not fit models.variants.{name}: {why}")
 
 
 def _check_sweep(cfg: Config):
     """Build every architecture the sweep's grid and choices can produce, before Ray starts."""
-    keys = [k for k in cfg.sweep.space if k in ARCH_KEYS]
+    keys = [k for k in cfg.sweep.space if is_arch_key(k)]
     for values in itertools.product(*(cfg.sweep.discrete_values(k) for k in keys)):
         overrides = dict(zip(keys, values))
         try:
             model = cfg.trial_arch(overrides).build(num_classes=10, in_chans=3)
         except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError
             raise ConfigError(f"sweep.space {overrides}: {err}") from None
-        if cfg.data.resolution < model.min_input_size:
-            raise ConfigError(f"sweep.space {overrides}: data.resolution={cfg.data.resolution} is below the {model.min_input_size} px it needs")
+        why = _resolution_error(model, cfg.data.resolution)
+        if why:
+            raise ConfigError(f"sweep.space {overrides}: data.resolution={cfg.data.resolution} does not fit: {why}")
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

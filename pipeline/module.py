@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from torchmetrics.classification import MulticlassAccuracy
 
 import sasa
+from sasa.layers.moe import aux_loss as moe_aux_loss
 from pipeline.config import ArchConfig, DataConfig, TrainConfig
 from pipeline.data import PREPARED, PreparedDataModule
 
@@ -113,6 +114,10 @@ class Classifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
+        aux, parts = moe_aux_loss(self.model)  # sparse experts' load-balancing and router z-losses, if any
+        if aux is not None:
+            loss = loss + aux
+            self.log_dict({f"moe_{k}": v for k, v in parts.items()}, on_step=False, on_epoch=True, sync_dist=True)
         self.train_top1(logits, y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train_top1", self.train_top1, on_step=False, on_epoch=True)

@@ -45,9 +45,11 @@ from sasa.paper import STEM_ABLATION, TABLE1, TABLE3, TABLE4, TABLE5
 
 REPORTS = Path("reports")
 SWEEP_RESULTS = Path("sweep/results.csv")
-# one marker per form with SASA, and per other attention mixer (a configuration's "kind")
+# one marker per form with SASA, per other attention mixer, and per model family beyond the ResNets
+# (a configuration's "kind")
 MARKERS = {"conv": "o", "conv_stem_attention": "s", "full_attention": "^", "halo": "P", "bot": "X", "neighborhood": "v",
-           "aa": "<", "san_pairwise": "h", "san_patchwise": "H", "other": "D"}
+           "aa": "<", "san_pairwise": "h", "san_patchwise": "H", "other": "D",
+           "ViT": "*", "MaxViT": "p", "CoAtNet": "8", "LeViT": "d", "MViTv2": ">", "CvT": "$C$", "ST-MoE": "$M$"}
 STEM_MARKERS = {"conv": "o", "attention": "^", "attention_plain": "v", "attention_conv_values": "s"}
 DEPTH_NAMES = {"resnet26": "ResNet-26", "resnet38": "ResNet-38", "resnet50": "ResNet-50"}
 # what only attention uses: irrelevant to a network with a conv stem and no attention group
@@ -70,12 +72,18 @@ class Configuration:
     trials: set[tuple[str, str]] = field(default_factory=set)  # (sweep, swept values) of its trials
 
     @property
+    def is_resnet(self) -> bool:
+        return is_resnet(self.arch)
+
+    @property
     def attends(self) -> bool:
-        return bool(self.arch["attention_groups"]) or self.arch["stem"] != "conv"
+        return not self.is_resnet or bool(self.arch["attention_groups"]) or self.arch["stem"] != "conv"
 
     @property
     def kind(self) -> str:
-        """The plot's marker: the SASA form, or the attention mixer."""
+        """The plot's marker: the SASA form, the attention mixer, or the model family."""
+        if not self.is_resnet:
+            return family_of(self.arch)
         if self.arch["attention_groups"] and self.arch["mixer"] != "sasa":
             return self.arch["mixer"]
         return paper_form(self.arch) or "other"
@@ -90,8 +98,22 @@ class Configuration:
         return ", ".join(sorted(self.names))
 
 
+def is_resnet(arch: dict) -> bool:
+    """The paper's tables compare ResNets; other families (transformers) are in the plot and lists."""
+    return "attention_groups" in arch
+
+
+def family_of(arch: dict) -> str:
+    """ViT, MaxViT, ... (timm models record theirs), CvT; "ST-MoE" where the MLPs are sparse experts."""
+    if arch.get("moe") is not None:
+        return "ST-MoE"
+    return arch.get("family") or ("CvT" if arch["model"].startswith("cvt") else arch["model"])
+
+
 def paper_form(arch: dict) -> str | None:
     """The Table 1 form whose stem and attention groups (with SASA) this architecture has, if any."""
+    if not is_resnet(arch):
+        return None
     for name, form in FORMS.items():
         if arch["stem"] == form["stem"] and tuple(arch["attention_groups"]) == tuple(form["attention_groups"]):
             if not form["attention_groups"] or arch["mixer"] == "sasa":
@@ -113,7 +135,8 @@ def _row(run) -> dict:
     """One run as the report needs it (runs logged before ``num_params`` have ``params``)."""
     m, tags = run.data.metrics, run.data.tags
     arch = {k.split("/", 1)[1]: json.loads(v) for k, v in run.data.params.items() if k.startswith("resolved/")}
-    arch["attention_groups"] = tuple(arch["attention_groups"])
+    if is_resnet(arch):
+        arch["attention_groups"] = tuple(arch["attention_groups"])
     sweep, values = tags.get("sasa.sweep", "?"), tags.get("sasa.trial_values")
     if "sasa.variant" in tags:
         name = tags["sasa.variant"]
@@ -175,7 +198,7 @@ def load_sweep(path: Path = SWEEP_RESULTS) -> list[dict]:
     if not rows:
         raise StageError(f"{path} has no trials")
     for r in rows:
-        r.update(kernel_size=int(r["kernel_size"]), params=int(r["params"]), mflops=float(r["mflops"]), seed=int(r["seed"]),
+        r.update(kernel_size=int(r["kernel_size"]) if r["kernel_size"] else None, stem=r["stem"] or None, params=int(r["params"]), mflops=float(r["mflops"]), seed=int(r["seed"]),
                  top1=float(r["top1"]), epochs=int(r["epochs"]), stopped_early=r["stopped_early"] == "True")
     return rows
 
@@ -228,7 +251,7 @@ def _context(c: Configuration, factor) -> tuple:
 
 def blocks(table: Table, configs: list[Configuration]) -> list[list[Configuration]]:
     """Groups of configurations that differ in the table's factor alone, each with two or more values."""
-    members = [c for c in configs if table.wanted(c)]
+    members = [c for c in configs if c.is_resnet and table.wanted(c)]
     groups = defaultdict(list)
     for c in members:
         if c.attends:
@@ -375,7 +398,7 @@ def plot(configs: list[Configuration], x_of, x_label, label_points) -> bytes:
     for kind in sorted({c.kind for c in configs}):
         pts = [c for c in configs if c.kind == kind]
         ests = [c.estimate() for c in pts]
-        ax.errorbar([x_of(c) for c in pts], [e.mean for e in ests], yerr=[_error(e) for e in ests], fmt=MARKERS.get(kind, "D"),
+        ax.errorbar([x_of(c) for c in pts], [e.mean for e in ests], yerr=[_error(e) for e in ests], marker=MARKERS.get(kind, "D"), linestyle="none",
                     markersize=7, capsize=3, label=kind.replace("_", " "))
     front = pareto_front([(x_of(c), c.estimate().mean) for c in configs])
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.5", linestyle="--", linewidth=1, label="Pareto front (means)")
@@ -398,14 +421,14 @@ def plot_sweep(rows) -> bytes:
     pooled = defaultdict(list)
     for r in rows:
         pooled[(r["kernel_size"], r["stem"], r["mflops"])].append(r["top1"])
-    ks = sorted({r["kernel_size"] for r in rows})
+    ks = sorted({r["kernel_size"] for r in rows}, key=lambda k: (k is None, k or 0))
     colours = dict(zip(ks, plt.cm.viridis([0.85 * i / max(1, len(ks) - 1) for i in range(len(ks))])))  # no pale yellow
     for (k, stem, mflops), values in pooled.items():
         e = estimate(values)
         ax.errorbar([mflops], [e.mean], yerr=[_error(e)], color=colours[k], fmt=STEM_MARKERS.get(stem, "D"), markersize=7, capsize=3)
     for k in ks:
-        ax.scatter([], [], color=colours[k], marker="s", label=f"k = {k}")
-    for stem in sorted({r["stem"] for r in rows}):
+        ax.scatter([], [], color=colours[k], marker="s", label=f"k = {k}" if k is not None else "no window (not a ResNet)")
+    for stem in sorted({r["stem"] for r in rows if r["stem"] is not None}):
         ax.scatter([], [], color="0.4", marker=STEM_MARKERS.get(stem, "D"), label=f"{stem} stem")
     ax.set_xlabel("FLOPs per image (M)")
     ax.set_ylabel("val top-1 at the last epoch (%)")
@@ -420,7 +443,10 @@ def plot_sweep(rows) -> bytes:
 
 
 def _mixer_cell(arch) -> str:
-    """``halo (3, 4)``: what fills the bottlenecks' 3x3 position, and in which groups."""
+    """``halo (3, 4)``: what fills the bottlenecks' 3x3 position, and in which groups (a family
+    beyond the ResNets: its name)."""
+    if not is_resnet(arch):
+        return family_of(arch)
     groups = arch["attention_groups"]
     return "-" if not groups else f"{arch['mixer']} ({', '.join(map(str, groups))})"
 
@@ -434,7 +460,7 @@ def variants_lines(cfg: Config, variants: dict[str, list[dict]]) -> list[str]:
         per_seed = ", ".join(f"{r['seed']}: {r['top1']:.2f}" for r in runs)
         top5 = sum(r["top5"] for r in runs) / len(runs)
         rate = sorted(r["images_per_s"] for r in runs)[len(runs) // 2]
-        lines.append(f"| {name} | {r0['arch']['model']} | {r0['arch']['stem']} | {_mixer_cell(r0['arch'])} | {r0['params']:,} | "
+        lines.append(f"| {name} | {r0['arch']['model']} | {r0['arch'].get('stem', '-')} | {_mixer_cell(r0['arch'])} | {r0['params']:,} | "
                      f"{r0['mflops']:.1f} | {e} | {per_seed} | {top5:.2f} | {rate:.0f} |")
     return lines
 
@@ -486,9 +512,9 @@ def csv_rows(configs: list[Configuration]) -> list[dict]:
     rows = []
     for c in configs:
         e = c.estimate()
-        rows.append({"configuration": c.label(), "kind": c.kind, "model": c.arch["model"], "stem": c.arch["stem"],
-                     "attention_groups": " ".join(map(str, c.arch["attention_groups"])), "mixer": c.arch["mixer"],
-                     "kernel_size": c.arch["kernel_size"], "pos_enc": c.arch["pos_enc"], "params": c.params,
+        rows.append({"configuration": c.label(), "kind": c.kind, "model": c.arch["model"], "stem": c.arch.get("stem", ""),
+                     "attention_groups": " ".join(map(str, c.arch.get("attention_groups", ()))), "mixer": c.arch.get("mixer", ""),
+                     "kernel_size": c.arch.get("kernel_size", ""), "pos_enc": c.arch.get("pos_enc", ""), "params": c.params,
                      "mflops": round(c.mflops, 3), "top1": round(e.mean, 3), "top1_ci95": round(e.half_width, 3), "n": e.n,
                      "run_ids": " ".join(r["run_id"] for r in c.runs.values())})
     return rows

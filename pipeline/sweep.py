@@ -34,7 +34,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sasa
 from pipeline import preflight
-from pipeline.config import ARCH_KEYS, Config, ConfigError
+from pipeline.config import Config, ConfigError, is_arch_key
 from pipeline.data import PREPARED
 from pipeline.locations import in_project
 from pipeline.module import build_run, build_trainer
@@ -53,6 +53,11 @@ RUNTIME_ENV_EXCLUDES = [".git", ".dvc/cache", ".dvc/tmp"]
 TRIAL_METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_top1")
 
 
+def is_trial_metric(name: str) -> bool:
+    """What a trial reports and its run logs: the metrics above and sparse experts' auxiliary losses."""
+    return name in TRIAL_METRICS or name.startswith("moe_")
+
+
 def search_space(cfg: Config) -> dict:
     """``sweep.space`` in Tune's terms: lists become grids, ``{sampler: args}`` Tune samplers; and a
     grid over ``train.seeds``, so trials repeat like the variants do and pair with them by seed."""
@@ -69,8 +74,8 @@ def search_space(cfg: Config) -> dict:
 
 def split_trial_config(cfg: Config, config: dict):
     """A trial's sampled values -> its resolved architecture and train sections (its seed is ``config["seed"]``)."""
-    arch = cfg.trial_arch({k: v for k, v in config.items() if k in ARCH_KEYS})
-    train = cfg.trial_train({k: v for k, v in config.items() if k not in ARCH_KEYS and k != "seed"})
+    arch = cfg.trial_arch({k: v for k, v in config.items() if is_arch_key(k)})
+    train = cfg.trial_train({k: v for k, v in config.items() if not is_arch_key(k) and k != "seed"})
     return arch, train
 
 
@@ -88,7 +93,7 @@ class ReportEachEpoch(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         logged = trainer.callback_metrics
-        metrics = {k: float(logged[k]) for k in TRIAL_METRICS if k in logged}
+        metrics = {k: float(v) for k, v in logged.items() if is_trial_metric(k)}
         metrics.update(self.counts.as_dict(), epoch=trainer.current_epoch + 1, node_id=ray.get_runtime_context().get_node_id())
         with tempfile.TemporaryDirectory() as folder:
             trainer.save_checkpoint(os.path.join(folder, CHECKPOINT))  # written by global rank 0 only
@@ -212,7 +217,7 @@ class MlflowTrials(tune.Callback):
         """The epoch's metrics at step = epochs completed; the model's counts once, at step 0, as a
         train run has them."""
         run_id, now, step = self.run_id(trial), int(time.time() * 1000), int(result["epoch"])
-        metrics = [Metric(k, float(result[k]), now, step) for k in TRIAL_METRICS if k in result]
+        metrics = [Metric(k, float(result[k]), now, step) for k in result if is_trial_metric(k)]
         if "num_params" not in self.client.get_run(run_id).data.metrics:
             counts = sasa.Counts(**{k: int(result[k]) for k in ("params", "macs", "flops")})
             metrics += [Metric(k, float(v), now, 0) for k, v in count_metrics(counts).items()]
@@ -409,7 +414,7 @@ def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
         row = {"trial_id": last["trial_id"]}
         row.update({k: json.dumps(v) if isinstance(v, list) else v for k, v in result.config.items()})
         row.update({
-            "kernel_size": resolved["kernel_size"], "stem": resolved["stem"], "seed": result.config["seed"],
+            "kernel_size": resolved.get("kernel_size"), "stem": resolved.get("stem"), "seed": result.config["seed"],  # None: not a ResNet
             "params": int(last["params"]), "mflops": last["flops"] / 1e6,
             # top-1 is the last epoch's everywhere (what the paper reports); the best epoch's is labelled
             "top1": 100 * last["val_top1"], "val_loss": last["val_loss"], "best_epoch_top1": 100 * history["val_top1"].max(),
@@ -417,7 +422,7 @@ def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
             "node_ip": last["node_ip"], "node_id": last["node_id"], "mlflow_run_id": callback.run_id_of(last["trial_id"]),
         })
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["kernel_size"], r["stem"], r["seed"]))
+    return sorted(rows, key=lambda r: (r["kernel_size"] or 0, r["stem"] or "", r["seed"]))
 
 
 def sweep(cfg: Config):

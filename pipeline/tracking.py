@@ -156,6 +156,18 @@ def log_dataset(client: MlflowClient, run_id: str, source: str, prepared: str | 
     client.log_inputs(run_id, datasets=inputs)
 
 
+def _requirements(model) -> list[str]:
+    """What loading the pickled model needs besides the ``sasa`` code: torch, and timm for its models."""
+    import torch
+
+    reqs = [f"torch=={torch.__version__.split('+')[0]}"]
+    if "family" in getattr(model, "config", {}):
+        import timm
+
+        reqs.append(f"timm=={timm.__version__}")
+    return reqs
+
+
 def log_model(uri: str, run_id: str, model, example):
     """The trained network as the run's MLflow model ``model``, with its signature and an input
     example: ``mlflow.pytorch.load_model("runs:/RUN_ID/model")`` gives it back, anywhere with torch,
@@ -174,6 +186,6 @@ def log_model(uri: str, run_id: str, model, example):
     with mlflow.start_run(run_id=run_id):  # ends FINISHED, as the run already is
         mlflow.pytorch.log_model(
             model, name="model", signature=infer_signature(example, output.numpy()), input_example=example,
-            code_paths=[str(Path(sasa.__file__).parent)], pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            code_paths=[str(Path(sasa.__file__).parent)], pip_requirements=_requirements(model),
             serialization_format="pickle",  # any batch size; MLflow's default, torch.export, fixes it to the example's
         )

@@ -32,7 +32,7 @@ BAD = [
     ({"models": {"variants": {"conv": {"form": "hybrid"}}}}, "models.variants.conv: form='hybrid'"),
     ({"models": {"variants": {"conv": {"stem": "patchify"}}}}, "models.variants.conv: stem"),
     ({"models": {"variants": {"conv": {"heads": 3, "form": "full_attention"}}}}, "models.variants.conv: out_channels"),
-    ({"models": {"common": {"small_input": False}}}, "data.resolution=28 is too small"),
+    ({"models": {"common": {"small_input": False}}}, "data.resolution=28 does not fit models.variants.conv: it needs at least 32 px"),
     ({"models": {"variants": {}}}, "models.variants"),
     ({"report": None}, "report: Input should be a valid dictionary"),
     ({"train": {"limit_train_batches": 1.5}}, "train.limit_train_batches"),

@@ -109,5 +109,5 @@ def test_params_yaml_takes_a_mixer_per_variant_and_checks_its_options(tmp_path):
     with pytest.raises(ConfigError, match="models.variants.halo: mixer='halo' has no option 'block'"):
         load_config(tmp_path / "params.yaml")
     write_params(tmp_path, {"models": {"variants": {"conv": {"form": "full_attention", "mixer": "neighborhood", "kernel_size": 9}}}})
-    with pytest.raises(ConfigError, match="data.resolution=28 is too small for models.variants.conv: it needs at least 33"):
+    with pytest.raises(ConfigError, match="data.resolution=28 does not fit models.variants.conv: it needs at least 33"):
         load_config(tmp_path / "params.yaml")
