@@ -57,6 +57,7 @@ class ArchConfig(_Section):
     zero_init_residual: Optional[bool] = None
     mixer: Optional[str] = Field(None, description="what fills the attention groups: sasa, halo, bot, ... (sasa.layers.MIXERS)")
     mixer_args: Optional[dict[str, Any]] = Field(None, description="the mixer's own options, e.g. {block_size: 4, halo: 1}")
+    block_attention: Optional[str] = Field(None, description="se | eca | cbam | gc: a module after every block's last batch norm")
     model_args: Optional[dict[str, Any]] = Field(None, description="a non-ResNet model's options, e.g. timm's {img_size: 20, patch_size: 4}")
 
     @property

@@ -10,6 +10,7 @@ import sys
 
 from sasa import count, create_model, list_models
 from sasa.layers import MIXERS, STEMS
+from sasa.layers.block_attention import BLOCK_ATTENTIONS
 from sasa.models import FORMS
 from sasa.models.resnet import RESNETS
 from sasa.paper import TABLE1
@@ -34,7 +35,8 @@ def _option(text):
     return key, yaml.safe_load(value)
 
 
-RESNET_OPTIONS = ("form", "stem", "attention_groups", "kernel_size", "heads", "pos_enc", "width", "small_input", "mixer", "mixer_arg")
+RESNET_OPTIONS = ("form", "stem", "attention_groups", "kernel_size", "heads", "pos_enc", "width", "small_input", "mixer", "mixer_arg",
+                  "block_attention")
 
 
 def _info(args):
@@ -114,6 +116,7 @@ def main(argv=None):
     info.add_argument("--mixer", help=f"what fills the attention groups: one of {', '.join(MIXERS)} (default sasa)")
     info.add_argument("--mixer-arg", type=_option, action="append", metavar="KEY=VALUE",
                       help="an option of the mixer, e.g. block_size=8 (repeatable)")
+    info.add_argument("--block-attention", help=f"a module in every block: one of {', '.join(BLOCK_ATTENTIONS)} (default none)")
     info.add_argument("--width", type=float, help="channel multiplier (default 1.0)")
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--in-chans", type=int, default=3)

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from sasa.layers import MIXERS, POS_ENCODINGS, STEMS, create_mixer
 from sasa.layers._checks import check_choice, check_odd_kernel, check_positive_int
+from sasa.layers.block_attention import BLOCK_ATTENTIONS, create_block_attention
 from sasa.layers.stem import STEM_STRIDE
 from sasa.models.registry import register_model
 
@@ -26,7 +27,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels, width, stride, mixer, shared, options):
+    def __init__(self, in_channels, width, stride, mixer, shared, options, block_attention=None):
         super().__init__()
         out_channels = width * self.expansion
         self.reduce = nn.Conv2d(in_channels, width, 1, bias=False)
@@ -35,6 +36,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.expand = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
+        self.attention = create_block_attention(block_attention, out_channels) or nn.Identity()
         self.act = nn.ReLU(inplace=True)
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
@@ -43,7 +45,7 @@ class Bottleneck(nn.Module):
     def forward(self, x):
         out = self.act(self.bn1(self.reduce(x)))
         out = self.act(self.bn2(self.mixer(out)))
-        out = self.bn3(self.expand(out))
+        out = self.attention(self.bn3(self.expand(out)))
         return self.act(out + self.shortcut(x))
 
 
@@ -85,10 +87,13 @@ class ResNet(nn.Module):
         impl="fast",
         mixer="sasa",
         mixer_args=None,
+        block_attention=None,
     ):
         super().__init__()
         check_choice("form", form, tuple(FORMS))
         check_choice("mixer", mixer, tuple(MIXERS))
+        if block_attention is not None:
+            check_choice("block_attention", block_attention, tuple(BLOCK_ATTENTIONS))
         mixer_args = dict(mixer_args or {})
         stem = FORMS[form]["stem"] if stem is None else stem
         check_choice("stem", stem, tuple(STEMS))
@@ -109,6 +114,8 @@ class ResNet(nn.Module):
             pos_enc=pos_enc, width=width, num_classes=num_classes, in_chans=in_chans, small_input=small_input,
             zero_init_residual=zero_init_residual, mixer=mixer, mixer_args=mixer_args,
         )
+        if block_attention is not None:  # recorded only when set: runs from before the option resolve as they did
+            self.config["block_attention"] = block_attention
         self.in_chans = in_chans
         self.min_input_size = STEM_STRIDE[bool(small_input)] * 8
         shared = dict(kernel_size=kernel_size, heads=heads, pos_enc=pos_enc, impl=impl)
@@ -119,7 +126,7 @@ class ResNet(nn.Module):
             layer = []
             for i in range(n):
                 stride = 2 if group > 1 and i == 0 else 1
-                block = Bottleneck(channels, w, stride, mixer if attends else "conv", shared, mixer_args if attends else {})
+                block = Bottleneck(channels, w, stride, mixer if attends else "conv", shared, mixer_args if attends else {}, block_attention)
                 # a mixer that needs maps of at least min_size px (neighbourhood windows) raises the input minimum
                 self.min_input_size = max(self.min_input_size, in_stride * (getattr(block.mixer, "min_size", 1) - 1) + 1)
                 layer.append(block)
