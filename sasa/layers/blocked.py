@@ -94,7 +94,7 @@ def _query_blocks(t, rows, cols):
     return t.view(B, heads, d, rows.blocks, bh, cols.blocks, bw).permute(0, 1, 3, 5, 2, 4, 6)
 
 
-def _index_tables(rows, cols, H, W):
+def index_tables(rows, cols, H, W):
     """(R * C, bh * bw) query pixels (-1 for padding) and (R * C, Sr * Sc) key pixels of every block."""
     device = rows.keys.device
     y = torch.arange(rows.blocks * rows.block, device=device).view(-1, 1, rows.block, 1)  # (R, 1, i, 1)
@@ -124,7 +124,7 @@ def blocked_attention_2d(q, k, v, rows, cols, rel_row=None, rel_col=None, impl="
         row_bias = row_mask.expand(B, heads, R, C, bh, bw, -1)
         col_bias = col_mask.expand(B, heads, R, C, bh, bw, -1)
     n, L = B * heads * R * C, bh * bw
-    queries, keys = _index_tables(rows, cols, H, W)
+    queries, keys = index_tables(rows, cols, H, W)
     out = BLOCKED_ATTENTION_IMPLS[impl](
         q.flatten(3), k.flatten(3), v.flatten(3), queries, keys, row_bias.reshape(n, L, -1), col_bias.reshape(n, L, -1)
     )

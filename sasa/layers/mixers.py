@@ -13,8 +13,10 @@ import torch.nn as nn
 
 from sasa.layers._checks import check_choice
 from sasa.layers.global_attention import AttentionAugmentedConv2d, BoTAttention2d
+from sasa.layers.gnconv import GnConv2d
 from sasa.layers.halo import HaloAttention2d
 from sasa.layers.neighborhood import NeighborhoodAttention2d
+from sasa.layers.quadratic import QuadraticAttention2d
 from sasa.layers.san import SANPairwise2d, SANPatchwise2d
 from sasa.layers.sasa2d import SASA2d
 
@@ -42,6 +44,8 @@ MIXERS = {
     "aa": AttentionAugmentedConv2d,
     "san_pairwise": SANPairwise2d,
     "san_patchwise": SANPatchwise2d,
+    "gnconv": GnConv2d,
+    "quadratic": QuadraticAttention2d,
 }
 SHARED_OPTIONS = ("kernel_size", "heads", "pos_enc", "impl")
 
