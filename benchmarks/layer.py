@@ -15,9 +15,10 @@ import argparse
 
 from benchmarks.common import in_fresh_process, measure_steps, median, positive_int, saved_bytes
 
-MIXERS = ("sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise")
+MIXERS = ("sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise", "quadratic")
 IMPLS = ("fast", "reference")
-LAYERS = ("conv3x3", *(f"{mixer}_{impl}" for mixer in MIXERS for impl in IMPLS), "sdpa_core")
+ONE_KERNEL_MIXERS = ("gnconv",)  # plain PyTorch (convolutions), no separate fast path
+LAYERS = ("conv3x3", *(f"{mixer}_{impl}" for mixer in MIXERS for impl in IMPLS), *ONE_KERNEL_MIXERS, "sdpa_core")
 DEFAULT_SHAPES = [(8, 128, 28, 28), (8, 64, 56, 56), (8, 256, 14, 14)]  # ResNet groups 2, 1, 3 at 224 px / 2
 
 
@@ -32,7 +33,7 @@ def _build(layer, channels, kernel_size):
         from benchmarks.sdpa_core import SDPACore
 
         return SDPACore(heads=8)
-    mixer, impl = layer.rsplit("_", 1)
+    mixer, impl = (layer, "fast") if layer in ONE_KERNEL_MIXERS else layer.rsplit("_", 1)
     options = {"block_size": 8, "halo": kernel_size // 2} if mixer == "halo" else {}
     return create_mixer(mixer, channels, channels, shared={"kernel_size": kernel_size, "heads": 8, "impl": impl}, **options)
 

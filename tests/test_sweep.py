@@ -88,7 +88,7 @@ def test_a_stopped_driver_marks_its_runs_killed_and_resumes_only_the_unfinished_
     """SIGTERM (a scheduler's stop; Ctrl-C takes the same path). A SIGKILLed driver resumes the same
     way, from Tune's periodically saved experiment state, but leaves its runs RUNNING. The trials
     differ in their attention mixer: mixers are swept like any other architecture key."""
-    mixers = ["sasa", "neighborhood", "san_pairwise"]
+    mixers = ["sasa", "gnconv", "quadratic"]
     _sweep_params(workdir, space={"mixer": mixers}, scheduler={"type": "fifo"}, max_concurrent_trials=1)
     cmd = [sys.executable, "-m", "pipeline.sweep"]
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
