@@ -120,3 +120,90 @@ def test_quadratic_fast_path_equals_the_reference(dtype, tol, content, stride, s
     g = torch.randn_like(y)
     for a, b in zip(torch.autograd.grad(y, (x, *fast.parameters()), g), torch.autograd.grad(y_ref, (x, *ref.parameters()), g)):
         torch.testing.assert_close(a, b, atol=10 * tol, rtol=10 * tol)
+
+
+def _acmix(**kwargs):
+    torch.manual_seed(0)
+    from sasa.layers.acmix import ACmix2d
+
+    layer = ACmix2d(6, 8, **{"kernel_size": 3, "heads": 2, "impl": "reference", **kwargs}).double()
+    for conv in (layer.q, layer.k, layer.v, layer.pos):
+        torch.nn.init.normal_(conv.bias, std=0.5)
+    return layer
+
+
+def test_acmix_attention_path_is_local_attention_with_the_coordinate_term():
+    """Pixel by pixel: softmax over the in-image keys of the 3 x 3 window of q_i . (k_j + p_i - p_j) / sqrt(d)."""
+    from sasa.layers.acmix import coordinates
+
+    layer = _acmix()
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    q, k, v = layer.q(x), layer.k(x), layer.v(x)
+    p = layer.pos(coordinates(4, 5, dtype=torch.float64))[0]
+    out = torch.zeros(2, 8, 4, 5, dtype=torch.float64)
+    for h in range(2):
+        c = slice(4 * h, 4 * h + 4)
+        for i in range(4):
+            for j in range(5):
+                window = [(a, b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2) if 0 <= a < 4 and 0 <= b < 5]
+                logits = torch.stack([(q[:, c, i, j] * (k[:, c, a, b] + p[:, i, j] - p[:, a, b])).sum(-1) / 2 for a, b in window], -1)
+                w = logits.softmax(-1)
+                out[:, c, i, j] = sum(w[:, n, None] * v[:, c, a, b] for n, (a, b) in enumerate(window))
+    assert torch.allclose(layer.attention(q, k, v), out)
+
+
+def test_acmix_convolution_path_starts_as_shift_and_sum_of_the_shared_projections():
+    """Map s = sum over the 3 x heads projections of fc[s] times them, moved by offset s (zeros
+    beyond the border); the path is the sum of the c^2 moved maps."""
+    layer = _acmix()
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    q, k, v = layer.q(x), layer.k(x), layer.v(x)
+    feats = torch.cat([t.view(2, 2, 4, 4, 5) for t in (q, k, v)], 1)  # (B, 3 heads, d, H, W)
+    maps = torch.einsum("sj,bjdhw->bsdhw", layer.fc.weight[:, :, 0, 0], feats)  # (B, 9, d, H, W)
+    padded = F.pad(maps, (1, 1, 1, 1))
+    summed = sum(padded[:, s, :, s // 3:s // 3 + 4, s % 3:s % 3 + 5] for s in range(9))  # (B, d, H, W)
+    expected = summed.repeat_interleave(2, dim=1)  # channel d feeds the heads' outputs of group d
+    assert torch.allclose(layer.convolution(q, k, v), expected)
+
+
+def test_acmix_mixes_both_paths_by_learned_rates():
+    layer = _acmix()
+    x = torch.randn(1, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    q, k, v = layer.q(x), layer.k(x), layer.v(x)
+    expected = 0.5 * layer.attention(q, k, v) + 0.5 * layer.convolution(q, k, v)
+    y = layer(x)
+    assert torch.allclose(y, expected)
+    y.sum().backward()
+    assert layer.rate_att.grad is not None and layer.rate_conv.grad is not None
+
+
+def test_acmix_flops_match_the_closed_form():
+    from sasa.layers.acmix import ACmix2d
+
+    C, H, W, n, k, c = 8, 5, 4, 2, 3, 3
+    d, hw = C // n, H * W
+    macs = (3 * C * C * hw + 2 * d * hw  # q, k, v and the coordinates' map
+            + n * d * k * k * hw + n * d * hw  # q . (k_j - p_j) and q . p_i
+            + n * k * k * d * hw  # weights x values
+            + c * c * 3 * n * d * hw  # fc
+            + C * c * c * c * c * hw)  # shift convolution: each output reads c^2 maps over c x c taps
+    assert sasa.count(ACmix2d(C, C, kernel_size=k, heads=n, conv_kernel=c), (C, H, W)).macs == macs
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("k,stride,shape", [(3, 1, (2, 6, 4, 5)), (5, 1, (1, 6, 9, 7)), (7, 2, (2, 6, 6, 11)), (3, 1, (1, 6, 1, 6))])
+def test_acmix_fast_path_equals_the_reference(dtype, tol, k, stride, shape):
+    from sasa.layers.acmix import ACmix2d
+
+    torch.manual_seed(0)
+    fast = ACmix2d(6, 8, stride, kernel_size=k, heads=2).to(dtype)
+    ref = ACmix2d(6, 8, stride, kernel_size=k, heads=2, impl="reference").to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y, y_ref = fast(x), ref(x)
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    g = torch.randn_like(y)
+    # the coordinate map's bias cancels in p_i - p_j: the fast path never reads it, the reference's gradient is 0
+    fast_grads = torch.autograd.grad(y, (x, *fast.parameters()), g, allow_unused=True)
+    for a, b in zip(fast_grads, torch.autograd.grad(y_ref, (x, *ref.parameters()), g)):
+        torch.testing.assert_close(torch.zeros_like(b) if a is None else a, b, atol=10 * tol, rtol=10 * tol)

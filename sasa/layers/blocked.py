@@ -78,6 +78,19 @@ def neighborhood_axis(n, kernel_size, block, dtype, device=None):
     return _axis(n, block, starts, width, kernel_size - 1, 2 * kernel_size - 1, dtype, window)
 
 
+def window_axis(n, kernel_size, block, dtype, device=None):
+    """SASA's windows: query y sees keys [y - k // 2, y + k // 2], those outside the axis masked; a
+    block of queries reads the union of its windows (embedding index key - query + k - 1)."""
+    c = kernel_size // 2
+    starts = torch.arange(-(-n // block), device=device) * block - c
+
+    def window(y):
+        y = y.clamp(max=n - 1)  # padding queries past the axis read the last query's window: no row is all -inf
+        return y - c, y + c + 1
+
+    return _axis(n, block, starts, block + kernel_size - 1, kernel_size - 1, 2 * kernel_size - 1, dtype, window)
+
+
 def global_axis(n, max_extent, dtype, device=None):
     """Global attention: one block of all n queries over all n keys; embedding index of the offset
     clipped to +-(max_extent - 1), plus max_extent - 1."""
@@ -86,7 +99,7 @@ def global_axis(n, max_extent, dtype, device=None):
     return AxisBlocks(n, pos[None], rel[None], torch.zeros(1, n, n, dtype=dtype, device=device))
 
 
-def _query_blocks(t, rows, cols):
+def query_blocks(t, rows, cols):
     """(B, heads, d, H, W) -> (B, heads, R, C, d, bh, bw): zero-padded to whole blocks."""
     B, heads, d, H, W = t.shape
     bh, bw = rows.block, cols.block
@@ -117,7 +130,7 @@ def blocked_attention_2d(q, k, v, rows, cols, rel_row=None, rel_col=None, impl="
     col_mask = cols.mask[None, :, None, :, :]  # (1, C, 1, bw, Sc) over (R, C, i, j, x)
     if rel_row is not None:
         half = d // 2
-        qb = _query_blocks(q, rows, cols)  # (B, heads, R, C, d, bh, bw)
+        qb = query_blocks(q, rows, cols)  # (B, heads, R, C, d, bh, bw)
         row_bias = torch.einsum("zhrscij,hcria->zhrsija", qb[:, :, :, :, :half], rel_row[:, :, rows.rel]) + row_mask
         col_bias = torch.einsum("zhrscij,hcsjx->zhrsijx", qb[:, :, :, :, half:], rel_col[:, :, cols.rel]) + col_mask
     else:

@@ -12,6 +12,7 @@ import inspect
 import torch.nn as nn
 
 from sasa.layers._checks import check_choice
+from sasa.layers.acmix import ACmix2d
 from sasa.layers.global_attention import AttentionAugmentedConv2d, BoTAttention2d
 from sasa.layers.gnconv import GnConv2d
 from sasa.layers.halo import HaloAttention2d
@@ -46,6 +47,7 @@ MIXERS = {
     "san_patchwise": SANPatchwise2d,
     "gnconv": GnConv2d,
     "quadratic": QuadraticAttention2d,
+    "acmix": ACmix2d,
 }
 SHARED_OPTIONS = ("kernel_size", "heads", "pos_enc", "impl")
 
