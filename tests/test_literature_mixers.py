@@ -207,3 +207,52 @@ def test_acmix_fast_path_equals_the_reference(dtype, tol, k, stride, shape):
     fast_grads = torch.autograd.grad(y, (x, *fast.parameters()), g, allow_unused=True)
     for a, b in zip(fast_grads, torch.autograd.grad(y_ref, (x, *ref.parameters()), g)):
         torch.testing.assert_close(torch.zeros_like(b) if a is None else a, b, atol=10 * tol, rtol=10 * tol)
+
+
+def _qna():
+    from sasa.layers.qna import QnA2d
+
+    torch.manual_seed(0)
+    layer = QnA2d(6, 8, kernel_size=3, heads=2, queries=2).double()
+    torch.nn.init.normal_(layer.bias)
+    return layer
+
+
+def test_qna_is_softmax_attention_of_learned_queries_over_each_window():
+    layer = _qna()
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    key, value = layer.kv(x).view(2, 2, 2, 4, 4, 5).unbind(1)  # (B, heads, d, H, W)
+    outs = torch.zeros(2, 2, 2, 4, 4, 5, dtype=torch.float64)  # (B, queries, heads, d, H, W)
+    for l in range(2):
+        for h in range(2):
+            for i in range(4):
+                for j in range(5):
+                    window = [(a, b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2) if 0 <= a < 4 and 0 <= b < 5]
+                    logits = torch.stack([key[:, h, :, a, b] @ layer.query[l, h] / 2 + layer.bias[l, h, a - i + 1, b - j + 1]
+                                          for a, b in window], -1)
+                    w = logits.softmax(-1)
+                    outs[:, l, h, :, i, j] = sum(w[:, m, None] * value[:, h, :, a, b] for m, (a, b) in enumerate(window))
+    expected = layer.proj(outs.reshape(2, 16, 4, 5))
+    y = layer(x)
+    assert torch.allclose(y, expected)
+    g = torch.randn_like(y)
+    params = (x, layer.query, layer.bias)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g)))
+
+
+def test_qna_is_shift_invariant_and_linear_in_pixels():
+    layer = _qna()
+    x = torch.randn(1, 6, 10, 11, dtype=torch.float64)
+    y, y_shifted = layer(x), layer(x[:, :, 2:, 3:])  # the same image moved by (-2, -3)
+    assert torch.allclose(y_shifted[:, :, 1:-1, 1:-1], y[:, :, 3:-1, 4:-1])  # wherever both windows are whole
+    small, large = (sasa.count(layer.float(), (6, s, s)).macs for s in (8, 16))
+    assert large == 4 * small
+
+
+def test_qna_flops_match_the_closed_form():
+    from sasa.layers.qna import QnA2d
+
+    C, H, W, n, L, k = 8, 5, 4, 2, 3, 5
+    d, hw = C // n, H * W
+    macs = hw * (C * 2 * C + L * n * d + L * n * k * k + L * n * d * k * k + L * C * C)  # kv, scores, both sums, projection
+    assert sasa.count(QnA2d(C, C, kernel_size=k, heads=n, queries=L), (C, H, W)).macs == macs

@@ -17,6 +17,7 @@ from sasa.layers.global_attention import AttentionAugmentedConv2d, BoTAttention2
 from sasa.layers.gnconv import GnConv2d
 from sasa.layers.halo import HaloAttention2d
 from sasa.layers.neighborhood import NeighborhoodAttention2d
+from sasa.layers.qna import QnA2d
 from sasa.layers.quadratic import QuadraticAttention2d
 from sasa.layers.san import SANPairwise2d, SANPatchwise2d
 from sasa.layers.sasa2d import SASA2d
@@ -48,6 +49,7 @@ MIXERS = {
     "gnconv": GnConv2d,
     "quadratic": QuadraticAttention2d,
     "acmix": ACmix2d,
+    "qna": QnA2d,
 }
 SHARED_OPTIONS = ("kernel_size", "heads", "pos_enc", "impl")
 
