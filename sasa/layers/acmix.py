@@ -52,8 +52,7 @@ class ACmix2d(nn.Module):
         check_odd_kernel("conv_kernel", conv_kernel)
         check_positive_int("heads", heads)
         check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
-        if stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+        check_choice("stride", stride, (1, 2))
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.kernel_size, self.heads, self.conv_kernel = kernel_size, heads, conv_kernel
         self.head_dim = out_channels // heads

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from sasa.layers._checks import check_divisible, check_odd_kernel, check_positive_int
+from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
 from sasa.layers.sasa2d import CeilAvgPool2d
 
 
@@ -23,8 +23,7 @@ class GnConv2d(nn.Module):
         check_odd_kernel("kernel_size", kernel_size)
         check_positive_int("order", order)
         check_divisible("out_channels", out_channels, 2 ** (order - 1), f"order={order} halves the width {order - 1} times")
-        if stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+        check_choice("stride", stride, (1, 2))
         self.in_channels, self.out_channels, self.stride, self.order, self.scale = in_channels, out_channels, stride, order, scale
         self.dims = [out_channels // 2 ** (order - 1 - i) for i in range(order)]
         self.proj_in = nn.Conv2d(in_channels, self.dims[0] + sum(self.dims), 1)

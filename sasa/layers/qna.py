@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sasa.layers._checks import check_divisible, check_odd_kernel, check_positive_int
+from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
 from sasa.layers.sasa2d import CeilAvgPool2d
 
 
@@ -27,8 +27,7 @@ class QnA2d(nn.Module):
         check_positive_int("heads", heads)
         check_positive_int("queries", queries)
         check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
-        if stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+        check_choice("stride", stride, (1, 2))
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.kernel_size, self.heads, self.queries = kernel_size, heads, queries
         self.head_dim = out_channels // heads

@@ -35,8 +35,7 @@ class QuadraticAttention2d(nn.Module):
         self.impl = impl
         check_positive_int("heads", heads)
         check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
-        if stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+        check_choice("stride", stride, (1, 2))
         self.in_channels, self.out_channels, self.stride, self.heads, self.content = in_channels, out_channels, stride, heads, content
         self.head_dim = out_channels // heads
         self.value_dim = value_dim or self.head_dim
