@@ -352,9 +352,27 @@ def tables_markdown(configs: list[Configuration]) -> tuple[list[str], list[Compa
             lines += ["", f"*{where}*", ""] if where else [""]
             render = table1_lines if table.factor[0] == "model" else factor_lines
             lines += render(block, table, verdicts)
+    lines += families_lines(configs, verdicts)
     if absent:
         lines += ["", "## Tables without runs", "", *absent]
     return lines, verdicts
+
+
+def families_lines(configs: list[Configuration], verdicts: list) -> list[str]:
+    """Every configuration beyond the ResNets (ViT, CvT, ...) against the conv ResNet of the same
+    recipe (the one with the most seeds), paired by seed."""
+    others = [c for c in configs if not c.is_resnet]
+    if not others:
+        return []
+    convs = [c for c in configs if paper_form(c.arch) == "conv"]
+    base = max(convs, key=lambda c: (len(c.runs), c.mflops)) if convs else None
+    where = f"the conv {DEPTH_NAMES.get(base.arch['model'], base.arch['model'])} ({base.label()})" if base else "none: no conv ResNet run"
+    lines = ["", "## Model families beyond the ResNets", "", f"Baseline: {where}, same recipe and data.", "",
+             "| family | configuration | MFLOPs | params (M) | top-1 % (mean ± 95% CI) | vs conv |", "|---|---|---|---|---|---|"]
+    for c in sorted(others, key=lambda c: c.mflops):
+        vs = _comparison_cell(c, base, verdicts) if base else "-"
+        lines.append(f"| {c.kind} | {c.label()} | {c.mflops:.1f} | {c.params / 1e6:.3f} | {c.estimate()} | {vs} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

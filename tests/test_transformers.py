@@ -265,3 +265,7 @@ def test_transformers_train_sweep_and_report_beside_a_resnet(workdir):
     assert kinds["vit"] == "ViT" and kinds["cvt"] == "CvT" and kinds["conv"] == "conv"
     md = (workdir / "reports" / "results.md").read_text()
     assert "| vit | timm:vit_tiny_patch16_224 | - | ViT |" in md and "| cvt | cvt13 | - | CvT |" in md
+    families = md.split("## Model families beyond the ResNets", 1)[1].split("\n## ", 1)[0]
+    assert "Baseline: the conv ResNet-26 (conv)" in families
+    assert "| CvT | cvt |" in families and "| ViT | vit |" in families
+    assert "| ViT | tiny model_args.patch_size=7 |" in families  # the trial, labelled by its swept value
