@@ -32,6 +32,8 @@ def test_the_preset_holds_every_family_and_sweeps_a_timm_option():
     kinds = {cfg.models.resolved(v).build(num_classes=10, in_chans=1).config.get("family") for v in FAMILIES}
     assert kinds == {"ViT", "MaxViT", "CoAtNet", "LeViT", "MViTv2", None}  # CvT is this library's
     assert cfg.sweep.base == "vit" and "model_args.patch_size" in cfg.sweep.space
+    vit, moe = (cfg.models.resolved(v).build(num_classes=10, in_chans=1).config for v in ("vit", "vit_moe"))
+    assert moe == {**vit, "moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 1.25}}  # runs of the two never pool
 
 
 @pytest.mark.parametrize("variant", FAMILIES)

@@ -50,8 +50,8 @@ def create_timm_model(name: str, num_classes: int = 1000, in_chans: int = 3, **k
     check_name(name)
     if "pretrained" in kwargs or "pretrained_cfg_overlay" in kwargs or "checkpoint_path" in kwargs:
         raise ValueError("timm models are built untrained here (no download, no checkpoint); drop 'pretrained'")
-    moe = kwargs.pop("moe", None)
     timm_kwargs = dict(kwargs)
+    moe = timm_kwargs.pop("moe", None)
     if moe is not None:
         if not isinstance(moe, dict):
             raise ValueError(f"moe takes the options of MoEMlp as a mapping, e.g. {{num_experts: 4, top_k: 2}}; got {moe!r}")
