@@ -50,19 +50,21 @@ def measure_steps(step, device, repeats, warmup):
 
 
 def saved_bytes(fn, *args):
-    """Bytes autograd keeps for the backward pass of ``fn(*args)``: its activation memory."""
+    """Bytes autograd keeps for the backward pass of ``fn(*args)``: its activation memory. Each
+    storage counts once, however many saved views of it there are (a layer that saves q and a
+    reshaped view of q holds q's bytes once)."""
     import torch
 
-    total = 0
+    storages = {}
 
     def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*args)
-    return total
+    return sum(storages.values())
 
 
 def positive_int(text):

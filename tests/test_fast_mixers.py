@@ -148,12 +148,12 @@ def test_fast_mixer_on_the_sdpa_path_equals_reference(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["halo", "neighborhood", "bot", "aa"])
 def test_fast_attention_keeps_no_logits_for_the_backward_pass(name):
-    """At a ResNet group-2 shape the fast paths keep at most a third of what the references keep
-    (which store the queries x keys logits or the gathered windows)."""
+    """At a ResNet group-2 shape the fast paths keep at most half of what the references keep
+    (which store the queries x keys logits or the gathered windows; each storage counted once)."""
     options = {"kernel_size": 7} if name == "neighborhood" else {}
     fast, reference = _pair(name, 64, options, "relative", 1, torch.float32)
     x = torch.randn(2, 64, 28, 28, requires_grad=True)
-    assert saved_bytes(fast, x) * 3 <= saved_bytes(reference, x)
+    assert saved_bytes(fast, x) * 2 <= saved_bytes(reference, x)
 
 
 @pytest.mark.parametrize("name", ["san_pairwise", "san_patchwise"])

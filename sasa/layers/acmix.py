@@ -80,15 +80,16 @@ class ACmix2d(nn.Module):
         n, d = self.heads, self.head_dim
         rows, cols = (window_axis(m, self.kernel_size, self.query_block, q.dtype, q.device) for m in (H, W))
         q = (q * d**-0.5).view(B, n, d, H, W)
-        qb = query_blocks(q, rows, cols)  # (B, n, R, C, d, bh, bw)
         w = self.pos.weight[:, :, 0, 0]  # (d, 2): p_j - p_i = w (c_j - c_i), c = -1 + 2 position / (size - 1)
+        # q_i . w per axis, on the map first (the product saves q itself), then cut into query blocks
+        u_row, u_col = (query_blocks(torch.einsum("zndhw,d->znhw", q, w[:, a])[:, :, None], rows, cols)[:, :, :, :, 0, ..., None]
+                        for a in (0, 1))  # (B, n, R, C, bh, bw, 1)
 
         def offsets(axis, m):
             """(blocks, block, S): key - query positions along one axis, in coordinate units."""
             positions = torch.arange(axis.blocks * axis.block, device=q.device).view(axis.blocks, axis.block, 1)
             return (axis.keys[:, None, :] - positions).to(q.dtype) * (2 / (m - 1) if m > 1 else 0.0)
 
-        u_row, u_col = (torch.einsum("znrsdij,d->znrsij", qb, w[:, a])[..., None] for a in (0, 1))
         row_bias = -u_row * offsets(rows, H)[None, None, :, None, :, None, :] + rows.mask[:, None, :, None, :]
         col_bias = -u_col * offsets(cols, W)[None, None, None, :, None, :, :] + cols.mask[None, :, None, :, :]
         queries, keys = index_tables(rows, cols, H, W)
@@ -117,9 +118,11 @@ class ACmix2d(nn.Module):
         """The c^2 maps from the 3 x heads projections of each channel, then shift-and-sum."""
         B, C, H, W = q.shape
         n, d = self.heads, self.head_dim
-        features = torch.cat([t.view(B, n, d, H * W) for t in (q, k, v)], 1)  # (B, 3n, d, HW)
-        maps = self.fc(features)  # (B, c^2, d, HW)
-        return self.shift(maps.transpose(1, 2).reshape(B, d * self.conv_kernel**2, H, W))
+        # fc over the 3n maps [q; k; v] of each channel, as three products: no concatenated copy to keep
+        # (a 1x1 convolution over the heads axis of each (B, n, d, HW) view saves that view, not a copy)
+        weights = self.fc.weight.unflatten(1, (3, n)).unbind(1)  # 3 x (c^2, n, 1, 1)
+        maps = sum(F.conv2d(t.view(B, n, d, H * W), w) for w, t in zip(weights, (q, k, v)))  # (B, c^2, d, HW)
+        return self.shift(maps.transpose(1, 2).reshape(B, d * self.conv_kernel**2, H, W))  # channel d's c^2 maps together
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, "
