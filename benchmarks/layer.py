@@ -15,7 +15,7 @@ import argparse
 
 from benchmarks.common import in_fresh_process, measure_steps, median, positive_int, saved_bytes
 
-MIXERS = ("sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise", "quadratic", "acmix")
+MIXERS = ("sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise", "quadratic", "acmix", "lesa")
 IMPLS = ("fast", "reference")
 ONE_KERNEL_MIXERS = ("gnconv", "qna")  # written in convolutions: no separate fast path
 LAYERS = ("conv3x3", *(f"{mixer}_{impl}" for mixer in MIXERS for impl in IMPLS), *ONE_KERNEL_MIXERS, "sdpa_core")

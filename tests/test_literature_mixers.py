@@ -256,3 +256,49 @@ def test_qna_flops_match_the_closed_form():
     d, hw = C // n, H * W
     macs = hw * (C * 2 * C + L * n * d + L * n * k * k + L * n * d * k * k + L * C * C)  # kv, scores, both sums, projection
     assert sasa.count(QnA2d(C, C, kernel_size=k, heads=n, queries=L), (C, H, W)).macs == macs
+
+
+def _lesa():
+    from sasa.layers.lesa import LESA2d
+
+    torch.manual_seed(0)
+    layer = LESA2d(8, 8, heads=2).double().eval()
+    for m in layer.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # batch norms that do something
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5), torch.nn.init.normal_(m.bias), torch.nn.init.normal_(m.running_mean)
+    return layer
+
+
+def test_lesa_adds_the_gated_binary_term_to_the_unary_convolution():
+    layer = _lesa()
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    unary, binary = layer.unary(x), layer.binary(x)
+    g = layer.gate[1:]  # after the ReLU
+    gate = torch.sigmoid(g(torch.relu(torch.cat([unary, binary], 1))))
+    assert torch.allclose(layer(x), unary + gate * binary)
+    bot = layer.binary[0]
+    assert type(bot).__name__ == "BoTAttention2d" and bot.heads == 2  # the binary term: global multi-head attention
+    with torch.no_grad():
+        layer.gate[-1].bias.fill_(-1e4)  # gate shut: LESA is its unary convolution
+    assert torch.allclose(layer(x), unary)
+
+
+def test_lesa_unary_term_is_a_grouped_convolution():
+    """Before the 1x1 mix, output group g reads input group g only, within 3 x 3."""
+    layer = _lesa()
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    layer.unary[0](x)[0, :4, 3, 3].sum().backward()  # group 0's outputs at one pixel
+    reached = x.grad[0].abs() > 0
+    assert reached[:4, 2:5, 2:5].all() and not reached[4:].any() and not reached[:, :2].any() and not reached[:, 5:].any()
+
+
+def test_lesa_flops_are_its_parts():
+    from sasa.layers.global_attention import BoTAttention2d
+    from sasa.layers.lesa import LESA2d
+
+    C, H, W, n = 16, 5, 4, 2
+    hw = H * W
+    bot = sasa.count(BoTAttention2d(C, C, heads=n), (C, H, W)).macs
+    unary = 9 * C * (C // n) * hw + C * C * hw
+    gate = 2 * C * C * hw + C * C * hw
+    assert sasa.count(LESA2d(C, C, heads=n), (C, H, W)).macs == bot + unary + gate
