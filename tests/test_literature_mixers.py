@@ -302,3 +302,49 @@ def test_lesa_flops_are_its_parts():
     unary = 9 * C * (C // n) * hw + C * C * hw
     gate = 2 * C * C * hw + C * C * hw
     assert sasa.count(LESA2d(C, C, heads=n), (C, H, W)).macs == bot + unary + gate
+
+
+def _elsa(**kwargs):
+    from sasa.layers.elsa import ELSA2d
+
+    torch.manual_seed(0)
+    return ELSA2d(8, 8, **{"kernel_size": 3, "heads": 2, **kwargs}).double()
+
+
+def test_elsa_filters_each_channel_by_its_heads_hadamard_attention_and_ghost_head():
+    """Per pixel: softmax over the 3 x 3 offsets of logits computed from q * k at the pixel (through
+    the logit convolutions), times m[c, o], plus g[c, o]; applied to the channel's window of values."""
+    layer = _elsa()
+    x = torch.randn(2, 8, 4, 5, dtype=torch.float64, requires_grad=True)
+    q, k, v = layer.qkv(x).split([layer.qk_channels, layer.qk_channels, 8], 1)
+    logits = layer.logits(q * k / 2).view(2, 2, 9, 4, 5)  # head width 4: scale 1/2
+    out = torch.zeros(2, 8, 4, 5, dtype=torch.float64)
+    vp = F.pad(v, (1, 1, 1, 1))
+    for c in range(8):
+        a = logits[:, c // 4].softmax(1)  # (B, 9, H, W)
+        for o in range(9):
+            f = layer.ghost_mul[c, o] * a[:, o] + layer.ghost_add[c, o]
+            out[:, c] += f * vp[:, c, o // 3:o // 3 + 4, o % 3:o % 3 + 5]
+    expected = layer.proj(out)
+    y = layer(x)
+    assert torch.allclose(y, expected)
+    g = torch.randn_like(y)
+    params = (x, layer.ghost_mul, layer.ghost_add, layer.qkv.weight)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g)))
+
+
+def test_elsa_without_ghost_head_shares_one_filter_per_head():
+    layer = _elsa(lam=0, gamma=0)
+    x = torch.randn(1, 8, 4, 5, dtype=torch.float64)
+    filters, _ = layer.filters(x)
+    assert torch.allclose(filters[:, :4], filters[:, :1].expand(-1, 4, -1, -1))  # head 0's channels
+    assert torch.allclose(filters.sum(2), torch.ones(1, 8, 20, dtype=torch.float64))  # a softmax over the window
+
+
+def test_elsa_flops_match_the_closed_form():
+    from sasa.layers.elsa import ELSA2d
+
+    C, H, W, n, k = 16, 5, 4, 2, 3
+    hw, qk = H * W, 16  # q and k: 2/3 of 16 rounded up to groups of 8
+    macs = hw * (C * (2 * qk + C) + qk * 8 * k * k + qk * k * k * n + C * k * k + C * C)
+    assert sasa.count(ELSA2d(C, C, kernel_size=k, heads=n), (C, H, W)).macs == macs

@@ -17,7 +17,7 @@ ATTENTION_MIXERS = sorted(set(MIXERS) - {"conv"})
 
 
 def test_the_registry_names_every_mixer_of_the_issue():
-    assert set(MIXERS) == {"conv", "sasa", "halo", "aa", "bot", "san_pairwise", "san_patchwise", "neighborhood", "gnconv", "quadratic", "acmix", "qna", "lesa"}
+    assert set(MIXERS) == {"conv", "sasa", "halo", "aa", "bot", "san_pairwise", "san_patchwise", "neighborhood", "gnconv", "quadratic", "acmix", "qna", "lesa", "elsa"}
     assert {"block_size", "halo", "heads", "pos_enc"} <= set(mixer_options("halo"))
     assert mixer_options("conv") == ()
 

@@ -16,6 +16,7 @@ from sasa.layers.acmix import ACmix2d
 from sasa.layers.global_attention import AttentionAugmentedConv2d, BoTAttention2d
 from sasa.layers.gnconv import GnConv2d
 from sasa.layers.halo import HaloAttention2d
+from sasa.layers.elsa import ELSA2d
 from sasa.layers.lesa import LESA2d
 from sasa.layers.neighborhood import NeighborhoodAttention2d
 from sasa.layers.qna import QnA2d
@@ -52,6 +53,7 @@ MIXERS = {
     "acmix": ACmix2d,
     "qna": QnA2d,
     "lesa": LESA2d,
+    "elsa": ELSA2d,
 }
 SHARED_OPTIONS = ("kernel_size", "heads", "pos_enc", "impl")
 
