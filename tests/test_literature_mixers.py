@@ -348,3 +348,60 @@ def test_elsa_flops_match_the_closed_form():
     hw, qk = H * W, 16  # q and k: 2/3 of 16 rounded up to groups of 8
     macs = hw * (C * (2 * qk + C) + qk * 8 * k * k + qk * k * k * n + C * k * k + C * C)
     assert sasa.count(ELSA2d(C, C, kernel_size=k, heads=n), (C, H, W)).macs == macs
+
+
+def _evolving_pair(alpha):
+    from sasa.layers.global_attention import BoTAttention2d
+
+    torch.manual_seed(0)
+    first, second = (BoTAttention2d(8, 8, heads=2, evolve=alpha, impl="reference").double() for _ in range(2))
+    second.follow(first)
+    return first, second
+
+
+def test_evolving_attention_continues_the_previous_layers_logits_by_a_residual_convolution():
+    from sasa.layers.global_attention import relative_global_logits
+
+    first, second = _evolving_pair(0.3)
+    x1 = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+    x2 = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+
+    def logits(m, x):
+        q, k, _ = m.qkv(x).split([8, 8, 8], 1)
+        return relative_global_logits(q.view(2, 2, 4, 3, 4), k.view(2, 2, 4, 3, 4), m.rel_row, m.rel_col)
+
+    first(x1)
+    y = second(x2)
+    evolved = 0.3 * second.evolve_conv(logits(first, x1)) + 0.7 * logits(second, x2)
+    v = second.qkv(x2)[:, 16:].view(2, 2, 4, 12)
+    expected = torch.einsum("bhnm,bhcm->bhcn", evolved.softmax(-1), v).reshape(2, 8, 3, 4)
+    assert torch.allclose(y, expected)
+    (grad,) = torch.autograd.grad(y.sum(), first.qkv.weight)  # the first layer's maps reach the second's output
+    assert grad.abs().sum() > 0
+    assert first._handoff is None  # handed over once, not kept
+
+
+def test_evolving_attention_off_or_without_a_predecessor_is_plain_attention():
+    from sasa.layers.global_attention import BoTAttention2d
+
+    first, second = _evolving_pair(0.5)
+    plain = BoTAttention2d(8, 8, heads=2, impl="reference").double()
+    plain.load_state_dict({k: v for k, v in second.state_dict().items() if not k.startswith("evolve_conv")})
+    x = torch.randn(1, 8, 3, 3, dtype=torch.float64)
+    assert torch.allclose(second(x), plain(x))  # the first layer has not run: nothing to evolve from
+    first(torch.randn(1, 8, 5, 5, dtype=torch.float64))
+    assert torch.allclose(second(x), plain(x))  # maps of another size (a strided block before it)
+
+
+def test_evolving_attention_links_the_blocks_of_a_resnet_group_and_counts_its_convolution():
+    kwargs = dict(width=0.125, heads=2, kernel_size=3, small_input=True, num_classes=10, attention_groups=(3,), mixer="bot")
+    model = sasa.create_model("resnet26", mixer_args={"evolve": 0.5}, **kwargs)
+    mixers = [b.mixer for b in model.layer3]
+    assert all(m._previous == (p,) for p, m in zip(mixers, mixers[1:])) and mixers[0]._previous == ()
+    plain = sasa.count(sasa.create_model("resnet26", **kwargs), (3, 16, 16)).macs
+    n = (16 // 4) ** 2  # group 3 of a small-input network: 4 x 4 maps after its first block
+    # of the group's 4 blocks the last two evolve: the first attends at 8 x 8 before its pool, so the
+    # second (4 x 4) has no predecessor of its size
+    assert sasa.count(model, (3, 16, 16)).macs == plain + 2 * 2 * 2 * 9 * n * n
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert mixers[1].evolve_conv.weight.grad is None and mixers[2].evolve_conv.weight.grad.abs().sum() > 0

@@ -40,6 +40,14 @@ def relative_global_attention(q, k, v, rel_row=None, rel_col=None):
     q_col . rel_col[b-j] for every (i, j, b): H*W*(H+W)*dk/2 multiply-adds per head, against
     (H*W)^2 * dk for the content logits.
     """
+    logits = relative_global_logits(q, k, rel_row, rel_col)
+    B, heads, _, H, W = q.shape
+    out = torch.einsum("bhnm,bhcm->bhcn", logits.softmax(dim=-1), v.flatten(3))
+    return out.view(B, heads, v.shape[2], H, W)
+
+
+def relative_global_logits(q, k, rel_row=None, rel_col=None):
+    """(B, heads, H W, H W): the logits of ``relative_global_attention``."""
     B, heads, dk, H, W = q.shape
     q = q * dk**-0.5
     logits = torch.einsum("bhcn,bhcm->bhnm", q.flatten(3), k.flatten(3))
@@ -51,8 +59,7 @@ def relative_global_attention(q, k, v, rel_row=None, rel_col=None):
         col = torch.einsum("nhcij,hcjb->nhijb", q[:, :, half:], emb_col)
         logits = logits.view(B, heads, H, W, H, W) + row[..., :, None] + col[..., None, :]
         logits = logits.view(B, heads, H * W, H * W)
-    out = torch.einsum("bhnm,bhcm->bhcn", logits.softmax(dim=-1), v.flatten(3))
-    return out.view(B, heads, v.shape[2], H, W)
+    return logits
 
 
 def fast_relative_global_attention(q, k, v, rel_row=None, rel_col=None):
@@ -73,16 +80,32 @@ def _check_fraction(name, value):
 
 class _RelativeGlobalAttention(nn.Module):
     """Holds the qkv projection and the relative embeddings; subclasses check their arguments.
-    ``impl``: ``fast`` (default) or ``reference``, the same function."""
+    ``impl``: ``fast`` (default) or ``reference``, the same function.
+
+    ``evolve`` = alpha > 0 makes the attention evolving (Wang et al., 2021): a layer's logits become
+    alpha * conv3x3(the previous layer's logits) + (1 - alpha) * its own, the (queries x keys) maps
+    read as images with the heads as channels, where the previous block of the same ResNet group
+    has an evolving layer whose maps have the same size (``follow``; the ResNet links them). Such a
+    layer materialises its logits, so it runs the reference path whatever ``impl`` says."""
 
     counted_impl = "reference"  # the FLOP counter sees its einsums
 
-    def _build_attention(self, in_channels, dk, dv, heads, max_extent, pos_enc, impl):
+    def _build_attention(self, in_channels, dk, dv, heads, max_extent, pos_enc, impl, evolve=0.0):
         check_choice("impl", impl, tuple(GLOBAL_ATTENTION_IMPLS))
-        self.heads, self.max_extent, self.pos_enc, self.impl = heads, max_extent, pos_enc, impl
+        if isinstance(evolve, bool) or not isinstance(evolve, (int, float)) or not 0 <= evolve <= 1:
+            raise ValueError(f"evolve must be a number in [0, 1] (0: off), got {evolve!r}")
+        self.heads, self.max_extent, self.pos_enc, self.impl, self.evolve = heads, max_extent, pos_enc, impl, evolve
         self.dk, self.dv = dk, dv
         self.qkv = nn.Conv2d(in_channels, 2 * dk + dv, 1, bias=False)
         add_relative_embeddings(self, heads, dk // heads, 2 * max_extent - 1, pos_enc == "relative")
+        if evolve:
+            self.evolve_conv = nn.Conv2d(heads, heads, 3, padding=1)
+            self._previous, self._successor, self._handoff = (), False, None  # a tuple: not a submodule
+
+    def follow(self, previous):
+        """Evolve from ``previous``'s logits (the mixer of the block before, same group)."""
+        if self.evolve and isinstance(previous, _RelativeGlobalAttention) and previous.evolve and previous.heads == self.heads:
+            self._previous, previous._successor = (previous,), True
 
     def _attend(self, x):
         """(B, in, H, W) -> (B, dv, H, W)."""
@@ -90,7 +113,20 @@ class _RelativeGlobalAttention(nn.Module):
         q, k, v = self.qkv(x).split([self.dk, self.dk, self.dv], dim=1)
         q, k = (t.reshape(B, self.heads, self.dk // self.heads, H, W) for t in (q, k))
         v = v.reshape(B, self.heads, self.dv // self.heads, H, W)
+        if self.evolve:
+            return self._evolving_attention(q, k, v).reshape(B, self.dv, H, W)
         return GLOBAL_ATTENTION_IMPLS[kernel(self)](q, k, v, self.rel_row, self.rel_col).reshape(B, self.dv, H, W)
+
+    def _evolving_attention(self, q, k, v):
+        logits = relative_global_logits(q, k, self.rel_row, self.rel_col)
+        previous = self._previous[0]._handoff if self._previous else None
+        if previous is not None and previous.shape == logits.shape:
+            logits = self.evolve * self.evolve_conv(previous) + (1 - self.evolve) * logits
+        if self._previous:
+            self._previous[0]._handoff = None
+        self._handoff = logits if self._successor else None
+        out = torch.einsum("bhnm,bhcm->bhcn", logits.softmax(dim=-1), v.flatten(3))
+        return out.view(*v.shape)
 
 
 def _check_common(in_channels, out_channels, stride, heads, max_extent, pos_enc):
@@ -115,14 +151,14 @@ class BoTAttention2d(_RelativeGlobalAttention):
     ``max_extent`` instead of being sized to one resolution.
     """
 
-    def __init__(self, in_channels, out_channels, stride=1, *, heads=4, max_extent=16, pos_enc="relative", impl="fast"):
+    def __init__(self, in_channels, out_channels, stride=1, *, heads=4, max_extent=16, pos_enc="relative", impl="fast", evolve=0.0):
         super().__init__()
         _check_common(in_channels, out_channels, stride, heads, max_extent, pos_enc)
         check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
         if pos_enc == "relative":
             check_divisible("out_channels", out_channels, 2 * heads, f"each of the {heads} heads splits its relative logits into row and column halves")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self._build_attention(in_channels, out_channels, out_channels, heads, max_extent, pos_enc, impl)
+        self._build_attention(in_channels, out_channels, out_channels, heads, max_extent, pos_enc, impl, evolve)
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
 
     def forward(self, x):
@@ -153,7 +189,7 @@ class AttentionAugmentedConv2d(_RelativeGlobalAttention):
 
     def __init__(
         self, in_channels, out_channels, stride=1, *, heads=8, dk_fraction=0.2, dv_fraction=0.1, max_extent=16, pos_enc="relative",
-        impl="fast",
+        impl="fast", evolve=0.0,
     ):
         super().__init__()
         _check_common(in_channels, out_channels, stride, heads, max_extent, pos_enc)
@@ -170,7 +206,7 @@ class AttentionAugmentedConv2d(_RelativeGlobalAttention):
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.dk_fraction, self.dv_fraction = dk_fraction, dv_fraction
         self.conv = nn.Conv2d(in_channels, out_channels - dv, 3, stride, 1, bias=False)
-        self._build_attention(in_channels, dk, dv, heads, max_extent, pos_enc, impl)
+        self._build_attention(in_channels, dk, dv, heads, max_extent, pos_enc, impl, evolve)
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
         self.proj = nn.Conv2d(dv, dv, 1, bias=False)
 

@@ -129,6 +129,8 @@ class ResNet(nn.Module):
                 block = Bottleneck(channels, w, stride, mixer if attends else "conv", shared, mixer_args if attends else {}, block_attention)
                 # a mixer that needs maps of at least min_size px (neighbourhood windows) raises the input minimum
                 self.min_input_size = max(self.min_input_size, in_stride * (getattr(block.mixer, "min_size", 1) - 1) + 1)
+                if layer and hasattr(block.mixer, "follow"):  # evolving attention reads the previous block's maps
+                    block.mixer.follow(layer[-1].mixer)
                 layer.append(block)
                 channels, in_stride = w * Bottleneck.expansion, in_stride * stride
             self.add_module(f"layer{group}", nn.Sequential(*layer))
