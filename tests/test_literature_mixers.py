@@ -405,3 +405,67 @@ def test_evolving_attention_links_the_blocks_of_a_resnet_group_and_counts_its_co
     assert sasa.count(model, (3, 16, 16)).macs == plain + 2 * 2 * 2 * 9 * n * n
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     assert mixers[1].evolve_conv.weight.grad is None and mixers[2].evolve_conv.weight.grad.abs().sum() > 0
+
+
+NEW_MIXERS = ["gnconv", "quadratic", "acmix", "qna", "lesa", "elsa"]
+
+
+@pytest.mark.parametrize("variant", [{"mixer": m} for m in NEW_MIXERS] + [{"mixer": "bot", "mixer_args": {"evolve": 0.5}},
+                                                                          {"mixer": "sasa", "block_attention": "gc"}],
+                         ids=lambda v: v.get("block_attention") or str(v.get("mixer_args") or v["mixer"]))
+def test_each_mixer_trains_a_resnet26_step_from_params(variant, prepared_mnist):
+    from pipeline.config import DataConfig, TrainConfig, validate
+    from pipeline.data import PreparedDataModule
+    from pipeline.module import Classifier, build_trainer
+    from tests.conftest import TINY
+
+    params = {**TINY, "models": {**TINY["models"], "variants": {"v": {"form": "conv_stem_attention", **variant}}},
+              "sweep": {**TINY["sweep"], "base": "v"}}
+    cfg = validate(params, "test params")
+    train = TrainConfig(**{**TINY["train"], "epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "warmup_epochs": 0})
+    module = Classifier(cfg.models.resolved("v").model_dump(), 10, 1, train.model_dump(), resolution=28)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = build_trainer(train, logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=PreparedDataModule(DataConfig(**TINY["data"]), 32, prepared_mnist))
+    assert trainer.global_step == 1 and any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+@pytest.mark.parametrize("mixer", NEW_MIXERS)
+def test_cli_info_counts_each_new_mixer(mixer, capsys):
+    from sasa.__main__ import main as cli
+
+    args = ["info", "--model", "resnet26", "--form", "conv_stem_attention", "--mixer", mixer, "--small-input", "--width", "0.25",
+            "--heads", "2", "--kernel-size", "3", "--resolution", "16", "--json"]
+    assert cli(args) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["mixer"] == mixer and result["flops"] == 2 * result["macs"] > 0
+
+
+@pytest.mark.slow
+def test_a_sweep_over_the_new_mixers_runs_each_as_a_trial(workdir):
+    """A real Ray Tune sweep over acmix, qna, lesa and elsa (gnconv and quadratic: tests/test_sweep.py)."""
+    import csv
+
+    import mlflow
+    import yaml
+
+    from tests.conftest import run_module, write_params
+
+    mixers = ["acmix", "qna", "lesa", "elsa"]
+    write_params(workdir, {
+        "models": {"variants": {"attn": {"form": "conv_stem_attention"}}},
+        "train": {"seeds": [0], "limit_train_batches": 2, "limit_val_batches": 1},
+        "sweep": {"base": "attn", "train": {"epochs": 1}, "scheduler": {"type": "fifo"}},
+    })
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["sweep"]["space"] = {"mixer": mixers}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = run_module("pipeline.sweep", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader((workdir / "sweep" / "results.csv").open()))
+    assert sorted(r["mixer"] for r in rows) == sorted(mixers) and all(int(r["epochs"]) == 1 for r in rows)
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    trials = [r for r in mlflow.search_runs(experiment_names=["test"], output_format="list") if r.data.tags.get("sasa.kind") == "sweep_trial"]
+    assert sorted(t.data.params["arch/mixer"] for t in trials) == sorted(mixers) and {t.info.status for t in trials} == {"FINISHED"}
