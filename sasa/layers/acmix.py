@@ -57,7 +57,7 @@ class ACmix2d(nn.Module):
         self.kernel_size, self.heads, self.conv_kernel = kernel_size, heads, conv_kernel
         self.head_dim = out_channels // heads
         self.q, self.k, self.v = (nn.Conv2d(in_channels, out_channels, 1) for _ in range(3))
-        self.pos = nn.Conv2d(2, self.head_dim, 1)
+        self.pos = nn.Conv2d(2, self.head_dim, 1, bias=False)  # a bias would cancel in p_i - p_j (ACmix has one)
         self.fc = nn.Conv2d(3 * heads, conv_kernel**2, 1, bias=False)
         self.shift = nn.Conv2d(conv_kernel**2 * self.head_dim, out_channels, conv_kernel, padding=conv_kernel // 2, groups=self.head_dim)
         self.rate_att = nn.Parameter(torch.tensor(0.5))
