@@ -15,9 +15,9 @@ import argparse
 
 from benchmarks.common import in_fresh_process, measure_steps, median, positive_int, saved_bytes
 
-MIXERS = ("sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise", "quadratic", "acmix", "lesa")
+MIXERS = ("sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise", "quadratic", "acmix", "lesa", "elsa")
 IMPLS = ("fast", "reference")
-ONE_KERNEL_MIXERS = ("gnconv", "qna", "elsa")  # one implementation each (convolutions; ELSA unfolds its windows)
+ONE_KERNEL_MIXERS = ("gnconv", "qna")  # one implementation each (convolutions)
 LAYERS = ("conv3x3", *(f"{mixer}_{impl}" for mixer in MIXERS for impl in IMPLS), *ONE_KERNEL_MIXERS, "sdpa_core")
 DEFAULT_SHAPES = [(8, 128, 28, 28), (8, 64, 56, 56), (8, 256, 14, 14)]  # ResNet groups 2, 1, 3 at 224 px / 2
 

@@ -24,8 +24,8 @@ def test_layer_benchmark_writes_json_and_markdown(tmp_path):
     result = json.loads(out.read_text())
     rows = {(r["layer"], r["kernel_size"]): r for r in result["rows"]}
     assert set(rows) == {(layer, 7) for layer in some}
-    mixers = {"sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise", "quadratic", "acmix", "lesa"}
-    assert set(LAYERS) == {"conv3x3", "sdpa_core", "gnconv", "qna", "elsa"} | {f"{m}_{impl}" for m in mixers for impl in ("fast", "reference")}  # the default runs them all
+    mixers = {"sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise", "quadratic", "acmix", "lesa", "elsa"}
+    assert set(LAYERS) == {"conv3x3", "sdpa_core", "gnconv", "qna"} | {f"{m}_{impl}" for m in mixers for impl in ("fast", "reference")}  # the default runs them all
     assert rows["conv3x3", 7]["time_vs_conv"] == 1.0 and len(rows["sasa_fast", 7]["times_ms"]) == 2
     assert all(r["median_ms"] > 0 and r["saved_bytes"] > 0 for r in rows.values())
     # the reference keeps every k x k window for its backward pass, the fast kernel does not

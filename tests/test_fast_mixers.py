@@ -78,17 +78,27 @@ def test_blocked_attention_rejects_bad_index_tables():
         blocked_attention(q, k, v, queries, keys, row[..., :2], col)
 
 
+@pytest.mark.parametrize("scaled,biased", [(False, False), (True, True), (True, False), (False, True)], ids=["san", "elsa", "scale", "bias"])
 @pytest.mark.parametrize("B,G,share,H,W,k", [(2, 3, 2, 5, 7, 3), (1, 2, 1, 4, 3, 5), (1, 1, 3, 6, 9, 1)])
-def test_footprint_aggregate_equals_reference(kernel, B, G, share, H, W, k):
+def test_footprint_aggregate_equals_reference(kernel, B, G, share, H, W, k, scaled, biased):
     g = torch.Generator().manual_seed(0)
     attn = torch.randn(B, G, k * k, H, W, generator=g, dtype=D, requires_grad=True)
     values = torch.randn(B, W, H, G * share, generator=g, dtype=D).permute(0, 3, 2, 1).requires_grad_()  # any strides
-    ref, fast = reference_footprint_aggregate(attn, values, k), footprint_aggregate(attn, values, k)
+    scale, bias = (torch.randn(G * share, k * k, generator=g, dtype=D, requires_grad=True) if on else None for on in (scaled, biased))
+    leaves = [t for t in (attn, values, scale, bias) if t is not None]
+    ref, fast = reference_footprint_aggregate(attn, values, k, scale, bias), footprint_aggregate(attn, values, k, scale, bias)
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
     grad = torch.randn(ref.shape, dtype=D, generator=g)
-    for g_fast, g_ref in zip(torch.autograd.grad(fast, [attn, values], grad), torch.autograd.grad(ref, [attn, values], grad)):
+    for g_fast, g_ref in zip(torch.autograd.grad(fast, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda a, v: footprint_aggregate(a, v, k), (attn[:1, :1, :, :3, :3].detach().requires_grad_(), values[:1, :share, :3, :3].detach().requires_grad_()))
+    small = [attn[:1, :1, :, :3, :3], values[:1, :share, :3, :3]] + [t[:share] for t in (scale, bias) if t is not None]
+    small = [t.detach().requires_grad_() for t in small]
+
+    def op(a, v, *per_channel):
+        it = iter(per_channel)
+        return footprint_aggregate(a, v, k, next(it) if scaled else None, next(it) if biased else None)
+
+    assert torch.autograd.gradcheck(op, small)
 
 
 # --- every mixer, fast against reference ---------------------------------------------------------

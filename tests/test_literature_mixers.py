@@ -348,6 +348,31 @@ def test_elsa_flops_match_the_closed_form():
     assert sasa.count(ELSA2d(C, C, kernel_size=k, heads=n), (C, H, W)).macs == macs
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("k,stride,shape,ghost", [(3, 1, (2, 8, 4, 5), {}), (5, 2, (1, 8, 9, 7), {}), (7, 1, (2, 8, 3, 6), {"lam": 0}),
+                                                  (3, 1, (1, 8, 1, 6), {"gamma": 0}), (3, 1, (1, 8, 5, 5), {"lam": 2.0, "gamma": 0.5})])
+def test_elsa_fast_path_equals_the_reference(dtype, tol, k, stride, shape, ghost):
+    """The split filter (aggregation with a per-channel scale + depthwise convolution of the ghost
+    addend) against the unfolded per-channel filters, forward and every gradient."""
+    from sasa.layers.elsa import ELSA2d
+
+    torch.manual_seed(0)
+    fast = ELSA2d(8, 8, stride, kernel_size=k, heads=2, **ghost).to(dtype)
+    ref = ELSA2d(8, 8, stride, kernel_size=k, heads=2, impl="reference", **ghost).to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        fast.ghost_mul.abs_()  # lambda = 2 or 0.5 powers stay real
+    ref.ghost_mul.data.copy_(fast.ghost_mul)
+    x = torch.randn(*shape, dtype=dtype).requires_grad_()
+    y, y_ref = fast(x), ref(x)
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    g = torch.randn_like(y)
+    leaves, ref_leaves = (x, *fast.parameters()), (x, *ref.parameters())
+    grads = torch.autograd.grad(y, leaves, g, allow_unused=True, materialize_grads=True)  # lam = 0 or gamma = 0: zeros
+    for a, b in zip(grads, torch.autograd.grad(y_ref, ref_leaves, g, allow_unused=True, materialize_grads=True)):
+        torch.testing.assert_close(a, b, atol=10 * tol, rtol=10 * tol)
+
+
 def _evolving_pair(alpha):
     from sasa.layers.global_attention import BoTAttention2d
 

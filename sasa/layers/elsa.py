@@ -12,7 +12,10 @@ Two changes to local self-attention, as the authors' code makes them:
 The output at pixel i is sum over offsets o of v[c, i + o] times channel c's filter (zeros beyond
 the border), then a 1x1 projection. q and k have 2/3 of the channels (rounded up to groups of 8).
 A stride of 2 pools after mixing, as the other mixers here do (ELSA pools the Hadamard product).
-The windows are unfolded (k^2 copies of the values): no fast path.
+
+``impl="reference"`` builds every channel's filter and unfolds the windows (two k^2-times copies);
+``impl="fast"`` passes the heads' weights, m^lambda and gamma g to SAN's footprint aggregation, whose
+C++ kernel forms each channel's filter as it reads shifted rows of the values (no copies).
 """
 from __future__ import annotations
 
@@ -23,12 +26,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
+from sasa.layers._kernels import kernel
 from sasa.layers.sasa2d import CeilAvgPool2d
+from sasa.ops.footprint_aggregate import footprint_aggregate
 
 
 class ELSA2d(nn.Module):
-    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=4, group_width=8, lam=1.0, gamma=1.0):
+    counted_impl = "reference"
+
+    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=4, group_width=8, lam=1.0, gamma=1.0, impl="fast"):
         super().__init__()
+        check_choice("impl", impl, ("fast", "reference"))
+        self.impl = impl
         check_odd_kernel("kernel_size", kernel_size)
         check_positive_int("heads", heads)
         check_positive_int("group_width", group_width)
@@ -48,22 +57,37 @@ class ELSA2d(nn.Module):
         self.proj = nn.Conv2d(out_channels, out_channels, 1)
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
 
-    def filters(self, x):
-        """(B, C, k^2, HW): each channel's filter over its pixel's window; and the values."""
+    def head_weights(self, x):
+        """(B, heads, k^2, H, W): each head's softmax weights over its pixel's window; and the values."""
         B, _, H, W = x.shape
         q, k, v = self.qkv(x).split([self.qk_channels, self.qk_channels, self.out_channels], 1)
         weights = self.logits(q * k * (self.out_channels // self.heads) ** -0.5)  # Hadamard: one pixel's q and k
-        weights = weights.view(B, self.heads, self.kernel_size**2, H * W).softmax(2)
-        weights = weights.repeat_interleave(self.out_channels // self.heads, dim=1)  # the head's weights, per channel
-        ghost_mul = self.ghost_mul.pow(self.lam) if self.lam != 0 else torch.ones_like(self.ghost_mul)
-        return ghost_mul[None, :, :, None] * weights + self.gamma * self.ghost_add[None, :, :, None], v
+        return weights.view(B, self.heads, self.kernel_size**2, H, W).softmax(2), v
+
+    def ghost_scale(self):
+        """m^lambda, or None (all ones) when lambda = 0."""
+        return self.ghost_mul.pow(self.lam) if self.lam != 0 else None
+
+    def filters(self, x):
+        """(B, C, k^2, HW): each channel's filter over its pixel's window; and the values."""
+        weights, v = self.head_weights(x)
+        weights = weights.flatten(3).repeat_interleave(self.out_channels // self.heads, dim=1)  # the head's weights, per channel
+        scale = self.ghost_scale()
+        if scale is not None:
+            weights = scale[None, :, :, None] * weights
+        return weights + self.gamma * self.ghost_add[None, :, :, None], v
 
     def forward(self, x):
         B, _, H, W = x.shape
-        filters, v = self.filters(x)
-        windows = F.unfold(v, self.kernel_size, padding=self.kernel_size // 2).view(B, self.out_channels, self.kernel_size**2, H * W)
-        out = torch.einsum("bcop,bcop->bcp", filters, windows).view(B, self.out_channels, H, W)
+        k = self.kernel_size
+        if kernel(self) == "reference":
+            filters, v = self.filters(x)
+            windows = F.unfold(v, k, padding=k // 2).view(B, self.out_channels, k**2, H * W)
+            out = torch.einsum("bcop,bcop->bcp", filters, windows).view(B, self.out_channels, H, W)
+        else:
+            weights, v = self.head_weights(x)
+            out = footprint_aggregate(weights, v, k, self.ghost_scale(), self.gamma * self.ghost_add if self.gamma != 0 else None)
         return self.pool(self.proj(out))
 
     def extra_repr(self):
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, heads={self.heads}"
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, heads={self.heads}, impl={self.impl!r}"
