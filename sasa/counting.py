@@ -1,14 +1,20 @@
 """Exact parameter, multiply-add and FLOP counts (FLOPs = 2 x multiply-adds, the paper's convention).
 
-Convolutions, linear layers, matmuls and fused attention (``F.scaled_dot_product_attention``: on the
-CPU its kernel is registered here, since the counter knows only the GPU ones) are counted by
-``torch.utils.flop_counter``; the fast
-local-attention kernel is a custom op with its own registered formula (logits, the softmax
-weighting of values and the factorised relative-position terms); the other mixers are counted
-through their reference kernels, whose einsums the counter sees directly (``sasa.layers._kernels``
-switches them while a counter runs). Batch norm,
-activations, pooling, softmax and residual additions are not counted, as in the paper and
-torchvision. Which kernel runs does not change what is counted.
+What ``torch.utils.flop_counter`` sees, and so what is counted:
+
+- convolutions, linear layers and matmuls, by the counter's own formulas;
+- fused attention (``F.scaled_dot_product_attention``), by the counter's formula for the GPU
+  kernels; this torch registers none for the CPU's flash kernel, so the same formula is registered
+  for it below (only where torch has none of its own);
+- SASA's local attention: its op (``sasa::local_attention``) has its own registered formula
+  (logits, the weighting of the values, the factorised relative terms). While a counter runs the op
+  runs on every device; on CUDA outside a counter it is FlexAttention, which the counter would score
+  as dense attention over every pixel;
+- every other mixer through its reference kernel, whose einsums the counter sees directly
+  (``sasa.layers._kernels`` switches to it while a counter runs).
+
+Batch norm, activations, pooling, softmax and residual additions are not counted, as in the paper
+and torchvision. Which kernel trains and on which device does not change what is counted.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 _aten = torch.ops.aten
 _CPU_SDPA = _aten._scaled_dot_product_flash_attention_for_cpu
@@ -36,6 +43,11 @@ if _CPU_SDPA_BACKWARD not in flop_counter.flop_registry:
     @flop_counter.register_flop_formula(_CPU_SDPA_BACKWARD)
     def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def counting_flops() -> bool:
+    """Whether a ``FlopCounterMode`` is counting now: kernels switch to what it can count exactly."""
+    return any(isinstance(mode, _FlopCounterMode) for mode in _get_current_dispatch_mode_stack())
 
 
 @dataclass(frozen=True)

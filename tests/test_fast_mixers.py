@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import saved_bytes
 from sasa.layers import create_mixer
-from sasa.layers._kernels import counting_flops
+from sasa.counting import counting_flops
 from sasa.layers.stem import StemAttention2d
 from sasa.ops import cpu_extension
 from sasa.ops.blocked_attention import blocked_attention, reference_blocked_attention
@@ -194,6 +194,24 @@ def test_counting_flops_is_seen_only_inside_the_counter():
     with FlopCounterMode(display=False):
         assert counting_flops()
     assert not counting_flops()
+
+
+def test_sasa_is_counted_by_its_op_on_the_flexattention_device(monkeypatch):
+    """On CUDA the fast path is FlexAttention, which the counter would score as dense attention over
+    every pixel (about 128x SASA's FLOPs at 56 x 56); while counting, the op runs on every device.
+    Here the CPU plays the FlexAttention device, with a stand-in that records its calls."""
+    import sasa
+    from sasa.layers import SASA2d
+    from sasa.ops import local_attention as local_attention_module
+
+    layer = SASA2d(16, 16, kernel_size=3, heads=2)
+    expected = sasa.count(layer, (16, 8, 8))
+    calls = []
+    monkeypatch.setattr(local_attention_module, "FLEX_DEVICES", ("cpu",))
+    monkeypatch.setattr(local_attention_module, "flex_local_attention", lambda q, *rest: calls.append(q.shape) or torch.zeros_like(q))
+    assert sasa.count(layer, (16, 8, 8)) == expected and not calls
+    layer(torch.randn(1, 16, 8, 8))
+    assert calls  # outside the counter the device's own fast path runs
 
 
 @pytest.mark.parametrize("values", ["spatially_aware", "plain", "conv"])

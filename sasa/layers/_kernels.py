@@ -7,12 +7,7 @@ which kernel trains.
 """
 from __future__ import annotations
 
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-from torch.utils.flop_counter import _FlopCounterMode
-
-
-def counting_flops() -> bool:
-    return any(isinstance(mode, _FlopCounterMode) for mode in _get_current_dispatch_mode_stack())
+from sasa.counting import counting_flops
 
 
 def kernel(layer) -> str:

@@ -14,7 +14,8 @@ does): activation memory independent of k. It is one custom op with two kernels:
 C++ kernel of ``csrc/local_attention_cpu.cpp`` (one image row at a time, see there), elsewhere (and
 on the CPU without a compiler, or for dtypes other than float32/float64) a PyTorch loop over the
 k^2 offsets with an online softmax. On CUDA the fast path is FlexAttention with a neighbourhood
-block mask instead (``flex_local_attention.py``).
+block mask instead (``flex_local_attention.py``), except while FLOPs are counted: the counter would
+score FlexAttention as dense attention over every pixel, so the op, with its exact formula, runs.
 """
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from sasa.counting import counting_flops
 from sasa.ops import cpu_extension
 from sasa.ops.flex_local_attention import flex_local_attention
+
+FLEX_DEVICES = ("cuda",)  # where the fast path is FlexAttention
 
 
 def reference_local_attention(q, k, v, kernel_size, rel_row=None, rel_col=None):
@@ -62,7 +66,7 @@ def fast_local_attention(q, k, v, kernel_size, rel_row=None, rel_col=None):
     k d per pixel instead of k^2 d: two (B, heads, k, H, W) logit tables, which the C++ kernel
     computes row by row instead of storing.
     """
-    if q.is_cuda:
+    if q.device.type in FLEX_DEVICES and not counting_flops():
         return flex_local_attention(q, k, v, *_logit_tables(q, rel_row, rel_col), kernel_size)
     out, _ = local_attention(q, k, v, rel_row, rel_col, kernel_size)
     return out
