@@ -40,8 +40,9 @@ def _grads(layer, x, forward=None):
 
 
 def _slow_attention(layer, x, window, offset_index):
-    """Per pixel: gather the keys ``window(i, j)`` lists, softmax over q.k + q.[rel_row, rel_col],
-    average the values. ``offset_index(key, query)`` is the embedding index of one axis."""
+    """Per pixel: gather the keys ``window(i, j)`` lists, softmax over q.k + q.[rel_row, rel_col]
+    (+ the learned bias of the offset, NAT's, where the layer has one), average the values.
+    ``offset_index(key, query)`` is the embedding index of one axis."""
     B, _, H, W = x.shape
     heads, d = layer.heads, layer.head_dim
     q, k, v = layer.qkv(x).view(B, 3, heads, d, H, W).unbind(1)
@@ -55,6 +56,8 @@ def _slow_attention(layer, x, window, offset_index):
             if layer.rel_row is not None:
                 r = torch.cat([layer.rel_row[:, :, offset_index(rows, i)], layer.rel_col[:, :, offset_index(cols, j)]], 1)  # (heads, d, keys)
                 logits = logits + torch.einsum("zhd,hdn->zhn", qij, r)
+            if getattr(layer, "rel_bias", None) is not None:
+                logits = logits + layer.rel_bias[:, offset_index(rows, i), offset_index(cols, j)]
             outs.append(torch.einsum("zhn,zhdn->zhd", logits.softmax(-1), v[..., rows, cols]))
     return torch.stack(outs, -1).reshape(B, heads * d, H, W)
 
@@ -210,9 +213,11 @@ def test_neighborhood_corner_pixels_see_k_squared_in_image_keys(k):
     assert torch.equal(x.grad[0].abs().sum(0) > 0, reached)
 
 
-@pytest.mark.parametrize("pos_enc", ["relative", "none"])
-def test_neighborhood_matches_slow_per_pixel_reference(pos_enc):
-    layer = _na(kernel_size=3, pos_enc=pos_enc)
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("pos_enc,bias", [("relative", False), ("none", False), ("none", True), ("relative", True)])
+def test_neighborhood_matches_slow_per_pixel_reference(pos_enc, bias, impl):
+    """bias=True with pos_enc="none" is NAT's logit, q.k + b[head, offset]."""
+    layer = _na(kernel_size=3, pos_enc=pos_enc, bias=bias, impl=impl)
     x = _input(6, 7)
     _assert_same(_grads(layer, x), _grads(layer, x, lambda t: _slow_neighborhood(layer, t)))
 
@@ -239,6 +244,7 @@ def test_neighborhood_parameters():
     for k in (3, 7):
         assert _n_params(NeighborhoodAttention2d(64, 128, kernel_size=k, heads=8)) == 3 * 64 * 128 + 128 * (2 * k - 1)
     assert _n_params(NeighborhoodAttention2d(64, 128, pos_enc="none")) == 3 * 64 * 128
+    assert _n_params(NeighborhoodAttention2d(64, 128, pos_enc="none", bias=True)) == 3 * 64 * 128 + 8 * 13 * 13  # NAT's table
 
 
 def test_neighborhood_map_smaller_than_kernel_is_an_error():
@@ -254,6 +260,7 @@ NA_BAD = [
     (dict(out_channels=8, heads=8), "out_channels"),
     (dict(pos_enc="absolute"), "pos_enc"),
     (dict(stride=3), "stride"),
+    (dict(bias="yes"), "bias"),
 ]
 
 

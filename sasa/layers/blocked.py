@@ -117,12 +117,20 @@ def index_tables(rows, cols, H, W):
     return queries.flatten(2).flatten(0, 1), keys.flatten(2).flatten(0, 1)
 
 
-def blocked_attention_2d(q, k, v, rows, cols, rel_row=None, rel_col=None, impl="fast"):
+def pair_bias_table(bias, rows, cols):
+    """(heads, Er, Ec) learned logits of each (row, column) offset -> (heads, R * C, bh * bw, Sr * Sc),
+    the op's ``pair_bias``: entry [h, block, query, key] = bias[h, rows.rel, cols.rel] of the pair."""
+    t = bias[:, rows.rel[:, None, :, None, :, None], cols.rel[None, :, None, :, None, :]]  # (heads, R, C, bh, bw, Sr, Sc)
+    return t.flatten(5).flatten(3, 4).flatten(1, 2)
+
+
+def blocked_attention_2d(q, k, v, rows, cols, rel_row=None, rel_col=None, impl="fast", bias=None):
     """q, k: (B, heads, d, H, W); v: (B, heads, dv, H, W) -> (B, heads, dv, H, W).
 
     The logit of query (y, x) for key (a, b) is q . k + q_row . rel_row[rows.rel] + q_col .
     rel_col[cols.rel] with q_row, q_col the first and second halves of q's channels, or q . k alone
-    without embeddings; keys outside the query's window (per ``rows`` and ``cols``) are masked.
+    without embeddings, plus ``bias[h, rows.rel, cols.rel]`` where a (heads, Er, Ec) table of learned
+    offset logits is given; keys outside the query's window (per ``rows`` and ``cols``) are masked.
     ``impl``: the op's ``fast`` kernel or its ``reference``."""
     B, heads, d, H, W = q.shape
     R, C, bh, bw = rows.blocks, cols.blocks, rows.block, cols.block
@@ -138,15 +146,18 @@ def blocked_attention_2d(q, k, v, rows, cols, rel_row=None, rel_col=None, impl="
         col_bias = col_mask.expand(B, heads, R, C, bh, bw, -1)
     n, L = B * heads * R * C, bh * bw
     queries, keys = index_tables(rows, cols, H, W)
+    pair = None if bias is None else pair_bias_table(bias, rows, cols)
     out = BLOCKED_ATTENTION_IMPLS[impl](
-        q.flatten(3), k.flatten(3), v.flatten(3), queries, keys, row_bias.reshape(n, L, -1), col_bias.reshape(n, L, -1)
+        q.flatten(3), k.flatten(3), v.flatten(3), queries, keys, row_bias.reshape(n, L, -1), col_bias.reshape(n, L, -1), pair
     )
     return out.unflatten(3, (H, W))
 
 
 def blocked_mixer_attention(layer, x, axis):
-    """The fast path of a windowed mixer (``qkv``, ``heads``, ``head_dim``, ``rel_row``, ``rel_col``):
-    (B, in, H, W) -> (B, out, H, W), with ``axis(n)`` the blocks of an image axis of length n."""
+    """The fast path of a windowed mixer (``qkv``, ``heads``, ``head_dim``, ``rel_row``, ``rel_col``,
+    optionally ``rel_bias``): (B, in, H, W) -> (B, out, H, W), with ``axis(n)`` the blocks of an image
+    axis of length n."""
     B, _, H, W = x.shape
     q, k, v = layer.qkv(x).view(B, 3, layer.heads, layer.head_dim, H, W).unbind(1)
-    return blocked_attention_2d(q, k, v, axis(H), axis(W), layer.rel_row, layer.rel_col).reshape(B, -1, H, W)
+    bias = getattr(layer, "rel_bias", None)
+    return blocked_attention_2d(q, k, v, axis(H), axis(W), layer.rel_row, layer.rel_col, bias=bias).reshape(B, -1, H, W)

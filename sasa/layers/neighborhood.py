@@ -28,20 +28,25 @@ class NeighborhoodAttention2d(nn.Module):
     image instead of being padded and masked, so every pixel attends over exactly k^2 real keys
     (the attention span does not shrink at the borders). Because of the shift a key can be up to
     k-1 rows (columns) away, so ``pos_enc="relative"`` uses 2k-1 row and column embeddings per
-    head, indexed by key - query + k - 1. Needs maps at least k x k. ``stride=2`` average-pools
+    head, indexed by key - query + k - 1: a q.r term, as SASA's, where NAT adds a learned scalar per
+    head and offset instead; ``bias=True`` adds NAT's (2k-1)^2 scalars per head (with
+    ``pos_enc="none"``, NAT's logits: q.k + b[offset]). Logits are not scaled by 1/sqrt(d), as in
+    SASA (NAT scales them). Needs maps at least k x k. ``stride=2`` average-pools
     after the attention, as SASA2d does. ``impl="reference"`` gathers every pixel's k^2 keys;
     ``"fast"`` (default) computes the same function over blocks of queries
-    (``sasa.layers.blocked``), never storing the logits.
+    (``sasa.layers.blocked``), never storing the logits (with ``bias``, in PyTorch's fused attention
+    on gathered blocks: the C++ kernel takes only biases that factorise over rows and columns).
     """
 
     counted_impl = "reference"  # the FLOP counter sees its einsums: k^2 keys per pixel, not the blocks'
     query_block = 4  # fast path: 4 x 4 queries share (4 + k - 1)^2 keys; larger blocks waste more logits
 
-    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=8, pos_enc="relative", impl="fast"):
+    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=8, pos_enc="relative", bias=False, impl="fast"):
         super().__init__()
         check_odd_kernel("kernel_size", kernel_size)
         check_attention_layer(in_channels, out_channels, heads, stride, pos_enc, POS_ENCODINGS)
         check_choice("impl", impl, tuple(BLOCKED_ATTENTION_IMPLS))
+        check_choice("bias", bias, (False, True))
         head_dim = out_channels // heads
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.heads, self.head_dim = kernel_size, heads, head_dim
@@ -49,6 +54,8 @@ class NeighborhoodAttention2d(nn.Module):
         self.stride, self.pos_enc, self.impl = stride, pos_enc, impl
         self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, bias=False)
         add_relative_embeddings(self, heads, head_dim, 2 * kernel_size - 1, pos_enc == "relative")
+        extent = 2 * kernel_size - 1
+        self.rel_bias = nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, extent, extent), std=0.02)) if bias else None
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
 
     def neighbour_index(self, H, W, device=None):
@@ -77,14 +84,17 @@ class NeighborhoodAttention2d(nn.Module):
             return t.reshape(B, heads, d, H * W).index_select(-1, idx).view(B, heads, d, H, W, k * k)
 
         logits = torch.einsum("zhdyx,zhdyxn->zhyxn", q, neighbours(key))
+        # relative index key - query + k - 1 of each pixel's window, (H, k) and (W, k)
+        row_idx = window_positions(H, k, x.device) - torch.arange(H, device=x.device)[:, None] + k - 1
+        col_idx = window_positions(W, k, x.device) - torch.arange(W, device=x.device)[:, None] + k - 1
         if self.rel_row is not None:
             half = d // 2
-            # embedding index key - query + k - 1, (H, k) and (W, k)
-            row_idx = window_positions(H, k, x.device) - torch.arange(H, device=x.device)[:, None] + k - 1
-            col_idx = window_positions(W, k, x.device) - torch.arange(W, device=x.device)[:, None] + k - 1
             row = torch.einsum("zhcyx,hcya->zhyxa", q[:, :, :half], self.rel_row[:, :, row_idx])
             col = torch.einsum("zhcyx,hcxb->zhyxb", q[:, :, half:], self.rel_col[:, :, col_idx])
             logits = logits + (row[..., :, None] + col[..., None, :]).reshape(B, heads, H, W, k * k)
+        if self.rel_bias is not None:
+            offsets = self.rel_bias[:, row_idx[:, None, :, None], col_idx[None, :, None, :]]  # (heads, H, W, k, k)
+            logits = logits + offsets.flatten(3)
         attn = logits.softmax(dim=-1)
         out = torch.einsum("zhyxn,zhdyxn->zhdyx", attn, neighbours(v))
         return out.reshape(B, self.out_channels, H, W)
@@ -92,5 +102,5 @@ class NeighborhoodAttention2d(nn.Module):
     def extra_repr(self):
         return (
             f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, "
-            f"heads={self.heads}, pos_enc={self.pos_enc!r}, impl={self.impl!r}"
+            f"heads={self.heads}, pos_enc={self.pos_enc!r}, bias={self.rel_bias is not None}, impl={self.impl!r}"
         )

@@ -10,6 +10,10 @@ q_l . k_(a,x) + row_bias[n, l, a] + col_bias[n, l, x], unscaled (callers scale q
 a key, and every query keeps at least one. Every pixel must be the query of one block at most.
 Returns the (B, heads, dv, P) map of outputs (zeros where no query).
 
+``pair_bias`` (optional; (heads, blocks, L, S), the same for every image) adds a logit per (query,
+key) pair that does not factorise over the axes (NAT's learned relative bias): the C++ kernel does
+not take it, so with it the op runs the SDPA formulation on every device.
+
 Relative position logits and window masks are exactly such per-axis biases, so a mixer only
 lists its blocks and computes two small bias tables; the fast path never builds the
 (queries x keys) logits. ``reference_blocked_attention`` is the obviously-correct einsum version;
@@ -44,31 +48,33 @@ def _to_map(blocks_out, query_index, P):
     return out.index_copy(3, query_index.flatten()[keep], values)
 
 
-def _bias(row_bias, col_bias, B, heads):
-    """(n, L, Sr) and (n, L, Sc) -> (B, heads, blocks, L, Sr * Sc)."""
+def _bias(row_bias, col_bias, B, heads, pair_bias=None):
+    """(n, L, Sr), (n, L, Sc) and (heads, blocks, L, Sr * Sc) or None -> (B, heads, blocks, L, Sr * Sc)."""
     bias = (row_bias[..., :, None] + col_bias[..., None, :]).flatten(2)
-    return bias.view(B, heads, -1, *bias.shape[1:])
+    bias = bias.view(B, heads, -1, *bias.shape[1:])
+    return bias if pair_bias is None else bias + pair_bias
 
 
-def reference_blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias):
+def reference_blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias, pair_bias=None):
     B, heads, _, P = q.shape
-    logits = torch.einsum("zhncl,zhncs->zhnls", _blocks(q, query_index), _blocks(k, key_index)) + _bias(row_bias, col_bias, B, heads)
+    logits = torch.einsum("zhncl,zhncs->zhnls", _blocks(q, query_index), _blocks(k, key_index))
+    logits = logits + _bias(row_bias, col_bias, B, heads, pair_bias)
     out = torch.einsum("zhnls,zhncs->zhncl", logits.softmax(dim=-1), _blocks(v, key_index))
     return _to_map(out, query_index, P)
 
 
-def _sdpa_blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias):
+def _sdpa_blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias, pair_bias=None):
     B, heads, _, P = q.shape
     qb, kb, vb = (_blocks(t, i).transpose(3, 4) for t, i in ((q, query_index), (k, key_index), (v, key_index)))
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=_bias(row_bias, col_bias, B, heads), scale=1.0)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=_bias(row_bias, col_bias, B, heads, pair_bias), scale=1.0)
     return _to_map(out.transpose(3, 4), query_index, P)
 
 
-def blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias):
+def blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias, pair_bias=None):
     """Same result as the reference (see the module docstring)."""
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and cpu_extension.load() is not None:
+    if pair_bias is None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and cpu_extension.load() is not None:
         return blocked_attention_op(q, k, v, query_index, key_index, row_bias, col_bias)[0]
-    return _sdpa_blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias)
+    return _sdpa_blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias, pair_bias)
 
 
 @torch.library.custom_op("sasa::blocked_attention", mutates_args=(), device_types="cpu")
