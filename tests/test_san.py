@@ -8,6 +8,8 @@ from sasa.layers.san import SANPairwise2d, SANPatchwise2d
 
 D = torch.float64
 LAYERS = [SANPairwise2d, SANPatchwise2d]
+# patchwise weights are unnormalised by default (the authors' code); softmax=True normalises them
+WEIGHTINGS = [(SANPairwise2d, {}), (SANPatchwise2d, {}), (SANPatchwise2d, {"softmax": True})]
 
 
 def _layer(cls, **kw):
@@ -54,16 +56,16 @@ def _reference(layer, x):
                 patch = torch.cat([phi[:, i, j], keys.t().flatten()])  # psi channel-major
                 all_logits = layer.gamma(patch.view(1, -1, 1, 1)).view(-1, k * k).t()  # (k*k, out // share)
                 logits = all_logits[torch.tensor(inside)]
-            weights = logits.softmax(dim=0).repeat_interleave(share, dim=1)  # (in-image positions, out)
+            weights = (logits.softmax(dim=0) if layer.softmax else logits).repeat_interleave(share, dim=1)  # (in-image positions, out)
             values = torch.stack([val[:, i + dy, j + dx] for (dy, dx), ok in zip(offsets, inside) if ok])
             row.append((weights * values).sum(0))
         rows.append(torch.stack(row, dim=-1))
     return torch.stack(rows, dim=-2)[None]
 
 
-@pytest.mark.parametrize("cls", LAYERS)
-def test_matches_per_pixel_reference_forward_and_backward(cls):
-    layer = _layer(cls).eval()
+@pytest.mark.parametrize("cls,kw", WEIGHTINGS)
+def test_matches_per_pixel_reference_forward_and_backward(cls, kw):
+    layer = _layer(cls, **kw).eval()
     x = torch.randn(1, 4, 5, 6, dtype=D, requires_grad=True)
     out, ref = layer(x), _reference(layer, x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -73,17 +75,19 @@ def test_matches_per_pixel_reference_forward_and_backward(cls):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls,kw", WEIGHTINGS)
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_constant_logits_average_beta_over_the_in_image_footprint(cls, k):
-    """With gamma's last conv zeroed every position gets the same weight, so each pixel averages
-    beta(x_j) over the in-image part of its footprint: out-of-image positions are masked."""
-    layer = _layer(cls, kernel_size=k)
+def test_constant_logits_average_beta_over_the_in_image_footprint(cls, kw, k):
+    """With gamma's last conv a constant 1 every position gets the same weight, so each pixel
+    averages beta(x_j) over the in-image part of its footprint (softmax) or sums it (unnormalised
+    weights of 1): out-of-image positions are masked."""
+    layer = _layer(cls, kernel_size=k, **kw)
     with torch.no_grad():
         layer.gamma[-1].weight.zero_()
-        layer.gamma[-1].bias.zero_()
+        layer.gamma[-1].bias.fill_(1.0)
     x = torch.randn(2, 4, 5, 6, dtype=D)
-    expected = F.avg_pool2d(layer.beta(x), k, 1, k // 2, count_include_pad=False)
+    divisor = {} if layer.softmax else {"divisor_override": 1}
+    expected = F.avg_pool2d(layer.beta(x), k, 1, k // 2, count_include_pad=False, **divisor)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -95,6 +99,8 @@ def test_weights_are_shared_by_consecutive_value_channels(cls):
     layer = _layer(cls, share=4).eval()
     with torch.no_grad():
         layer.beta.weight.copy_(layer.beta.weight[:1].expand_as(layer.beta.weight))
+        if layer.beta.bias is not None:
+            layer.beta.bias.fill_(0.5)
     out = layer(torch.randn(1, 4, 5, 6, dtype=D)).view(1, 2, 4, 5, 6)  # (B, groups, share, H, W)
     torch.testing.assert_close(out, out[:, :, :1].expand_as(out))
     assert not torch.allclose(out[:, 0], out[:, 1])
@@ -132,6 +138,11 @@ BAD = [
 ]
 
 
+def test_patchwise_softmax_is_a_yes_or_no():
+    with pytest.raises(ValueError, match="softmax"):
+        SANPatchwise2d(4, 8, softmax="no")
+
+
 @pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("kwargs,name", BAD)
 def test_bad_arguments_name_the_argument(cls, kwargs, name):
@@ -148,7 +159,7 @@ def _pairwise_params(cin, cout, k, share, reduction):
 
 def _patchwise_params(cin, cout, k, share, reduction):
     r, g, kk = cout // reduction, cout // share, k * k
-    return cin * (2 * r + cout) + 2 * r * (kk + 1) + r * (kk + 1) * g + 2 * g + g * g * kk + g * kk
+    return cin * (2 * r + cout) + cout + 2 * r * (kk + 1) + r * (kk + 1) * g + 2 * g + g * g * kk + g * kk  # + cout: beta's bias
 
 
 def _pairwise_macs(cin, cout, k, share, reduction, H, W):
@@ -182,4 +193,4 @@ def test_parameters_and_flops_match_closed_forms(cls, k, stride):
 
 @pytest.mark.parametrize("cls", LAYERS)
 def test_extra_repr_names_the_options(cls):
-    assert cls(4, 8, 2, kernel_size=5, share=4, reduction=2).extra_repr() == "4, 8, stride=2, kernel_size=5, share=4, reduction=2, impl='fast'"
+    assert cls(4, 8, 2, kernel_size=5, share=4, reduction=2).extra_repr() == f"4, 8, stride=2, kernel_size=5, share=4, reduction=2, softmax={cls is SANPairwise2d}, impl='fast'"
