@@ -181,6 +181,10 @@ class AttentionAugmentedConv2d(_RelativeGlobalAttention):
     the fractions work at every ResNet width; the defaults (dk = 0.2, dv = 0.1 of the outputs,
     8 heads) are the paper's ResNet setting. The attention
     output goes through a 1x1 dv -> dv projection as in the paper. No biases (batch norm follows).
+    The relative embeddings are SASA's: per head and half width (rows score the first half of a
+    head's key channels, columns the second); Bello et al. share one full-width embedding per axis
+    across the heads and add both to the whole key. Logits are scaled by 1/sqrt(dk per head), as
+    theirs.
     With ``stride=2`` the conv is strided; the attention runs at the input resolution and a 2x2/2
     ceil-mode average pool brings it to the conv's output size. The pool comes before the
     projection: both are linear and bias-free, so the order does not change the result and

@@ -25,8 +25,9 @@ class HaloAttention2d(nn.Module):
     and by h at the borders; padded key positions are masked out of the softmax as in SASA2d,
     and outputs of padding pixels are cropped. ``pos_enc="relative"`` adds q.r with
     r = [row-offset, column-offset] embeddings indexed by the query's own offset to the key
-    (2(b+h)-1 per axis), so with b=1 the layer is SASA2d with kernel_size 2h+1.
-    ``stride=2`` average-pools after the attention, as SASA2d does. ``impl="reference"`` computes it
+    (2(b+h)-1 per axis), so with b=1 the layer is SASA2d with kernel_size 2h+1. Logits are unscaled,
+    as SASA's (HaloNet scales q by 1/sqrt(d_head)). ``stride=2`` average-pools after the attention,
+    as SASA2d does (HaloNet subsamples the queries instead). ``impl="reference"`` computes it
     as batched matrix products over (image, head, block) on unfolded windows; ``"fast"`` (default)
     runs the same function as ``sasa.layers.blocked`` halo blocks, never storing the logits.
     """

@@ -71,8 +71,10 @@ def add_relative_embeddings(module, heads, head_dim, n, enabled=True):
 class SASA2d(nn.Module):
     """Multi-head local self-attention over each pixel's k x k window (Ramachandran et al., 2019).
 
-    Queries, keys and values are 1x1 projections, so parameters do not depend on ``kernel_size``
-    except through the relative embeddings (k vectors per axis, d_head/2 wide, per head).
+    Queries, keys and values are one dense 1x1 projection (the paper's text describes per-head
+    matrices; dense is what reproduces Table 1's parameter counts), so parameters do not depend on
+    ``kernel_size`` except through the relative embeddings (k vectors per axis, d_head/2 wide, per
+    head). Logits are not scaled by 1/sqrt(d_head): the paper's formula has no scale.
     ``pos_enc``: ``relative`` adds q.r with r = [row-offset, column-offset] embeddings (the
     paper's); ``absolute`` adds a fixed 2-D sinusoidal encoding of the pixel position to the keys
     (no parameters, not translation-equivariant); ``none`` uses q.k only. Out-of-image window
