@@ -1,7 +1,10 @@
 """The typed schema of ``params.yaml``: validated once, up front, by every stage.
 
 Unknown keys, wrong types and out-of-range values are errors that name the key path
-(``train.lr``, ``models.variants.full_attention.kernel_size``) and what is allowed.
+(``train.lr``, ``models.variants.full_attention.kernel_size``) and what is allowed. What costs
+more than reading the file (building every variant or every architecture the sweep can produce,
+importing Lightning to know its strategies) is checked only for the stages that need it:
+``load_config(path, builds=...)``.
 """
 from __future__ import annotations
 
@@ -38,6 +41,15 @@ class DataConfig(_Section):
     resolution: PositiveInt = 28
     hflip: bool = True
     num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _path_has_a_source(self):
+        if self.source == "mnist5k" and self.path is not None:
+            raise ValueError(
+                f"data.path={self.path!r} is set but data.source is mnist5k, which ignores it (it trains on the bundled digits): "
+                "set data.source to imagefolder or cifar10 to use the folder, or set data.path: null"
+            )
+        return self
 
 
 class ArchConfig(_Section):
@@ -159,18 +171,6 @@ class TrainConfig(_Section):
     def _fraction_at_most_one(cls, v):
         if isinstance(v, float) and v > 1:
             raise ValueError("a fraction must be at most 1.0 (or give a whole number of batches)")
-        return v
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, v):
-        from lightning.pytorch.strategies import StrategyRegistry
-
-        # the train stage agrees on resume across ranks before fit, so its processes must exist
-        # before fit: re-run by Lightning's launcher (ddp) or started by torchrun / srun
-        allowed = ["auto", *(s for s in StrategyRegistry.available_strategies() if not s.endswith(("spawn", "fork", "notebook")))]
-        if v not in allowed:
-            raise ValueError(f"unknown or unsupported strategy; allowed: {', '.join(allowed)}")
         return v
 
     @model_validator(mode="after")
@@ -406,6 +406,18 @@ def _resolution_error(model, resolution: int) -> str | None:
     return None
 
 
+def _check_strategies(cfg: Config):
+    """``train.strategy`` (and a sweep's) is one Lightning knows and this pipeline can run: the train
+    stage agrees on resume across ranks before fit, so its processes must exist before fit (re-run
+    by Lightning's launcher, as ddp does, or started by torchrun / srun), not spawned by fit."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    allowed = ["auto", *(s for s in StrategyRegistry.available_strategies() if not s.endswith(("spawn", "fork", "notebook")))]
+    for key, train in (("train", cfg.train), ("sweep.train", cfg.trial_train())):
+        if train.strategy not in allowed:
+            raise ConfigError(f"{key}.strategy={train.strategy!r}: unknown or unsupported strategy; allowed: {', '.join(allowed)}")
+
+
 def _check_variants(cfg: Config):
     """Build every variant once so architecture errors surface before any data or training work."""
     for name in cfg.models.variants:
@@ -433,7 +445,11 @@ def _check_sweep(cfg: Config):
             raise ConfigError(f"sweep.space {overrides}: data.resolution={cfg.data.resolution} does not fit: {why}")
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
+BUILDS = {"variants": _check_variants, "sweep": _check_sweep}  # what a stage may ask to be built up front
+EVERYTHING = tuple(BUILDS)
+
+
+def load_config(path: str | Path = "params.yaml", builds: tuple[str, ...] = EVERYTHING) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such parameters file")
@@ -441,18 +457,21 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return validate(raw, str(path))
+    return validate(raw, str(path), builds)
 
 
-def validate(raw, source: str) -> Config:
-    """Parameters read from ``source`` checked in full: the schema, then every variant and every
-    architecture the sweep can produce is built."""
+def validate(raw, source: str, builds: tuple[str, ...] = EVERYTHING) -> Config:
+    """Parameters read from ``source``: the schema always; for each of ``builds`` (``variants``:
+    every model of ``models.variants``, ``sweep``: every architecture the sweep's grid can produce)
+    each model is built once, with the strategies checked, before any data or training work."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(Config.model_fields)})")
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"{source}: invalid parameters\n{_format(err)}") from None
-    _check_variants(cfg)
-    _check_sweep(cfg)
+    if builds:
+        _check_strategies(cfg)
+    for name in builds:
+        BUILDS[name](cfg)
     return cfg

@@ -1,9 +1,9 @@
 """Checks of the environment a stage needs, run after the config is validated and before any data,
-model or tracking work: a failure is a ``ConfigError`` (exit 2) that names the key and leaves
-nothing behind (no MLflow run, no tracking database, no checkpoint folder)."""
+model or tracking work: a failure is a ``ConfigError`` (exit 2) that names the key, or a
+``StageError`` (exit 1) for a corrupt file, and leaves nothing behind (no MLflow run, no tracking
+database, no checkpoint folder)."""
 from __future__ import annotations
 
-import json
 import os
 import urllib.error
 import urllib.request
@@ -13,9 +13,11 @@ import torch
 
 from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.locations import redact
+from pipeline.stage import StageError, read_json
 from pipeline.tracking import tracking_uri
 
 TRACKING_TIMEOUT_S = 3
+META_KEYS = ("format", "counts", "num_classes", "in_chans", "mean", "std")  # what training reads of meta.json
 
 
 def _tracking_key() -> str:
@@ -67,7 +69,11 @@ def prepared_data(folder: Path, batch_size: int, key: str = "train.batch_size") 
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise ConfigError(f"{meta_path} is missing: run the prepare stage first (dvc repro prepare)")
-    meta = json.loads(meta_path.read_text())
+    fix = "run dvc repro -f prepare to write it again"
+    meta = read_json(meta_path, fix)
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise StageError(f"{meta_path} is corrupt (it lacks {', '.join(missing)}): {fix}")
     suffix = ".json" if meta["format"] == "files" else ".npz"
     missing = [s for s in ("train", "val") if not (folder / f"{s}{suffix}").is_file()]
     if missing:

@@ -260,7 +260,7 @@ def prepare(cfg: Config, out: Path = PREPARED):
 
 
 def main(argv=None):
-    run_stage(__doc__.splitlines()[0], lambda cfg, args: prepare(cfg), argv=argv)
+    run_stage(__doc__.splitlines()[0], lambda cfg, args: prepare(cfg), argv=argv, builds=())  # trains nothing: builds no model
 
 
 if __name__ == "__main__":

@@ -573,7 +573,7 @@ def report(cfg: Config, out: Path = REPORTS):
 
 
 def main(argv=None):
-    run_stage(__doc__.splitlines()[0], lambda cfg, args: report(cfg), argv=argv)
+    run_stage(__doc__.splitlines()[0], lambda cfg, args: report(cfg), argv=argv, builds=())  # trains nothing: builds no model
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import EVERYTHING, ConfigError, load_config
 
 
 class StageError(Exception):
@@ -31,7 +32,10 @@ def sigterm_as_ctrl_c():
     return signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
-def run_stage(description, body, add_arguments=None, argv=None):
+def run_stage(description, body, add_arguments=None, argv=None, builds=EVERYTHING):
+    """Parse ``--params``, validate it (building the models ``builds`` names, see
+    ``pipeline.config.validate``), run ``body(cfg, args)`` and turn the known failures into one
+    message and an exit status."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     if add_arguments:
@@ -39,7 +43,7 @@ def run_stage(description, body, add_arguments=None, argv=None):
     args = parser.parse_args(argv)
     previous = sigterm_as_ctrl_c()
     try:
-        cfg = load_config(args.params)
+        cfg = load_config(args.params, builds)
         body(cfg, args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -75,6 +79,16 @@ def atomic_dir(target: str | Path):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | Path, fix: str):
+    """A JSON file this pipeline wrote; a file cut short or edited by hand is a ``StageError`` that
+    names it and says ``fix`` (delete it, re-run the stage), not a decoder traceback."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StageError(f"{path} is corrupt ({err}): {fix}") from None
 
 
 def atomic_write_text(path: str | Path, text: str):

@@ -37,8 +37,9 @@ BAD = [
     ({"report": None}, "report: Input should be a valid dictionary"),
     ({"train": {"limit_train_batches": 1.5}}, "train.limit_train_batches"),
     ({"train": {"warmup_epochs": 3, "epochs": 2}}, "warmup_epochs=3.0 exceeds train.epochs=2"),
-    ({"train": {"strategy": "dpp"}}, "train.strategy: Value error, unknown or unsupported strategy"),
-    ({"train": {"strategy": "ddp_spawn"}}, "train.strategy: Value error, unknown or unsupported strategy"),
+    ({"train": {"strategy": "dpp"}}, "train.strategy='dpp': unknown or unsupported strategy; allowed: auto, ddp"),
+    ({"train": {"strategy": "ddp_spawn"}}, "train.strategy='ddp_spawn': unknown or unsupported strategy"),
+    ({"data": {"path": "/data/imagenet"}}, "data.path='/data/imagenet' is set but data.source is mnist5k, which ignores it"),
     ({"train": {"checkpoint_dir": ""}}, "train.checkpoint_dir"),
     ({"sweep": {"space": {"kernel": [3, 5]}}}, "sweep.space: Value error, 'kernel' cannot be swept; allowed: form, stem"),
     ({"sweep": {"space": {"lr": {"normal": [0, 1]}}}}, "sweep.space: Value error, lr: give a list .grid. or exactly one of choice"),
@@ -72,6 +73,23 @@ def test_bad_values_name_the_key(tmp_path, overrides, needle):
 def test_any_sqlalchemy_database_or_server_is_a_tracking_uri(tmp_path, uri):
     write_params(tmp_path, {"mlflow": {"tracking_uri": uri}})
     assert load_config(tmp_path / "params.yaml").mlflow.tracking_uri == uri
+
+
+def test_stages_that_train_nothing_build_nothing(tmp_path):
+    """prepare and report load the config with ``builds=()``: no model is built (a variant that
+    cannot be built is the train stage's error, not theirs) and Lightning is not imported."""
+    import subprocess
+    import sys
+
+    write_params(tmp_path, {"models": {"variants": {"conv": {"kernel_size": 4, "form": "full_attention"}}}})
+    with pytest.raises(ConfigError, match="models.variants.conv: kernel_size"):
+        load_config(tmp_path / "params.yaml")  # the default: everything is built
+    code = (
+        "import sys; from pipeline.config import load_config; "
+        f"load_config({str(tmp_path / 'params.yaml')!r}, builds=()); "
+        "assert 'lightning' not in sys.modules, 'Lightning imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):

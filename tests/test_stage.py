@@ -57,3 +57,14 @@ def test_leftovers_of_a_killed_attempt_are_removed_by_the_next(tmp_path):
     assert (target / "results.md").read_text() == "new"
     atomic_write_text(tmp_path / "metrics" / "conv.json", "{}")
     assert [p.name for p in (tmp_path / "metrics").iterdir()] == ["conv.json"]
+
+
+@pytest.mark.parametrize("text,why", [('{"format": "array", "coun', "corrupt \\(Unterminated"), ("[1, 2]", "corrupt \\(it lacks format"), ('{"format": "array"}', "corrupt \\(it lacks counts")])
+def test_a_corrupt_meta_json_names_the_file_and_the_fix(tmp_path, text, why):
+    """Cut short by a full disk or edited by hand: the stages say which file and what to do."""
+    from pipeline import preflight
+    from pipeline.stage import StageError
+
+    (tmp_path / "meta.json").write_text(text)
+    with pytest.raises(StageError, match=f"{tmp_path / 'meta.json'} is {why}.*run dvc repro -f prepare"):
+        preflight.prepared_data(tmp_path, batch_size=8)
