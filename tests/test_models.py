@@ -13,26 +13,41 @@ def _rel(ours, paper):
     return abs(ours - paper) / paper
 
 
+def _check_against_paper(rows, params_tol, flops_tol):
+    """rows: (label, Counts, paper GFLOPs, paper M params); prints every row's relative differences.
+    The paper rounds to 0.1 G / 0.1 M (<= 1.1% / 0.5%). Each tolerance is just above what our
+    counts reach (the test docstrings): an attention formula without the weighted sum of the values
+    fails every table (checked: Table 1's attention rows then reach -4.4% .. -5.7%, Table 4 -10.3%
+    at k = 11, Table 3 -5.4%)."""
+    print(f"\n{'row':<34} {'params M':>9} {'paper':>6} {'rel':>7} {'GFLOPs':>7} {'paper':>6} {'rel':>7}")
+    for label, c, gflops, mparams in rows:
+        p, f = c.params / 1e6, c.flops / 1e9
+        print(f"{label:<34} {p:9.3f} {mparams:6.1f} {(p - mparams) / mparams:+7.4f} {f:7.3f} {gflops:6.1f} {(f - gflops) / gflops:+7.4f}")
+    for label, c, gflops, mparams in rows:
+        assert _rel(c.params / 1e6, mparams) <= params_tol, (label, c)
+        assert _rel(c.flops / 1e9, gflops) <= flops_tol(label), (label, c)
+
+
 def test_table1_params_and_flops_match_the_paper():
+    """Measured (ours - paper) / paper: params -0.17% .. +0.64% (ResNet-38 conv stem + attention);
+    GFLOPs of the conv ResNets -0.26% .. -1.05% (ResNet-38), of the attention ones -1.81% .. -3.16%
+    (ResNet-38 full attention): ours are consistently below the paper's."""
     rows = []
     for (name, form), (gflops, mparams, _) in TABLE1.items():
-        c = sasa.count(sasa.create_model(name, form=form), 224)
-        rows.append((name, form, c.params / 1e6, mparams, c.flops / 1e9, gflops))
-    print(f"\n{'model':<9} {'form':<20} {'params M':>9} {'paper':>6} {'GFLOPs':>7} {'paper':>6}")
-    for name, form, p, pp, f, pf in rows:
-        print(f"{name:<9} {form:<20} {p:9.2f} {pp:6.1f} {f:7.2f} {pf:6.1f}")
-    for name, form, p, pp, f, pf in rows:
-        assert _rel(p, pp) <= 0.03, (name, form, p, pp)
-        assert _rel(f, pf) <= (0.05 if form == "conv" else 0.10), (name, form, f, pf)
+        rows.append((f"{name} {form}", sasa.count(sasa.create_model(name, form=form), 224), gflops, mparams))
+    _check_against_paper(rows, 0.007, lambda label: 0.011 if label.endswith(" conv") else 0.033)
 
 
 def test_table3_and_table4_counts_match_the_paper():
-    for k, (gflops, mparams, _) in TABLE4.items():
-        c = sasa.count(sasa.create_model("resnet50", form="conv_stem_attention", kernel_size=k), 224)
-        assert _rel(c.params / 1e6, mparams) <= 0.03 and _rel(c.flops / 1e9, gflops) <= 0.05, (k, c)
-    for groups, (gflops, mparams, _) in TABLE3.items():
-        c = sasa.count(sasa.create_model("resnet50", form="conv_stem_attention", attention_groups=groups), 224)
-        assert _rel(c.params / 1e6, mparams) <= 0.03 and _rel(c.flops / 1e9, gflops) <= 0.05, (groups, c)
+    """Measured (ours - paper) / paper. Table 4 (k = 3..11): params +0.13% .. +0.30%, GFLOPs -1.26% ..
+    -4.28% (k = 11; the paper's FLOPs grow faster with k than ours). Table 3: params -0.17% .. +0.38%,
+    GFLOPs -0.26% .. -2.77% (attention in every group)."""
+    table4 = [(f"resnet50 k={k}", sasa.count(sasa.create_model("resnet50", form="conv_stem_attention", kernel_size=k), 224), gflops, mparams)
+              for k, (gflops, mparams, _) in TABLE4.items()]
+    _check_against_paper(table4, 0.0035, lambda label: 0.044)
+    table3 = [(f"resnet50 groups={groups}", sasa.count(sasa.create_model("resnet50", form="conv_stem_attention", attention_groups=groups), 224), gflops, mparams)
+              for groups, (gflops, mparams, _) in TABLE3.items()]
+    _check_against_paper(table3, 0.004, lambda label: 0.028)
 
 
 def test_conv_resnet50_is_torchvisions_resnet50():

@@ -1,4 +1,6 @@
 """Properties of the SASA layer the paper relies on."""
+import math
+
 import pytest
 import torch
 
@@ -66,6 +68,39 @@ def test_absolute_encoding_breaks_translation_equivariance():
     x = torch.randn(1, 6, 20, 20, dtype=D)
     out, out_shifted = layer(x), layer(torch.roll(x, shifts=(2, 3), dims=(2, 3)))
     assert not torch.allclose(out_shifted[..., 7:13, 8:14], out[..., 5:11, 5:11])
+
+
+def _sinusoid(n, pos):
+    """n channels encoding one coordinate: ceil(n/2) sines, then cosines, of pos / 10000^(2i/n)."""
+    sines = (n + 1) // 2
+    return [math.sin(pos / 10000 ** (2 * c / n)) if c < sines else math.cos(pos / 10000 ** (2 * (c - sines) / n)) for c in range(n)]
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_absolute_encoding_matches_explicit_formula_forward_and_backward(impl):
+    """The paper only names an absolute encoding; ours adds a fixed sinusoid of the key pixel's
+    position to every head's keys, half of a head's channels for the row, half for the column:
+    logit(ij, ab) = q_ij . (k_ab + [s(a), s(b)]), softmax over the in-image window. Head width 6,
+    so each axis has two sines and one cosine."""
+    layer = _layer(out_channels=12, pos_enc="absolute", impl=impl)
+    heads, hd, H, W, c = 2, 6, 5, 6, 2
+    x = torch.randn(1, 6, H, W, dtype=D, requires_grad=True)
+    q, k, v = torch.einsum("oc,cyx->oyx", layer.qkv.weight[:, :, 0, 0], x[0]).view(3, heads, hd, H, W)
+    pixels = []
+    for h in range(heads):
+        for i in range(H):
+            for j in range(W):
+                window = [(a, b) for a in range(i - c, i + c + 1) for b in range(j - c, j + c + 1) if 0 <= a < H and 0 <= b < W]
+                logits = torch.stack([q[h, :, i, j] @ (k[h, :, a, b] + torch.tensor(_sinusoid(hd // 2, a) + _sinusoid(hd // 2, b), dtype=D))
+                                      for a, b in window])
+                pixels.append(logits.softmax(0) @ torch.stack([v[h, :, a, b] for a, b in window]))
+    expected = torch.stack(pixels).view(heads, H, W, hd).permute(0, 3, 1, 2).reshape(1, heads * hd, H, W)
+    out = layer(x)
+    torch.testing.assert_close(out, expected)
+    weights = torch.randn_like(out)
+    leaves = [x, layer.qkv.weight]
+    for g, g_expected in zip(torch.autograd.grad((out * weights).sum(), leaves), torch.autograd.grad((expected * weights).sum(), leaves)):
+        torch.testing.assert_close(g, g_expected)
 
 
 def test_parameters_grow_with_k_only_through_relative_embeddings():
