@@ -156,6 +156,17 @@ def log_dataset(client: MlflowClient, run_id: str, source: str, prepared: str | 
     client.log_inputs(run_id, datasets=inputs)
 
 
+def start_training_run(client: MlflowClient, experiment_id: str, cfg: Config, name: str, tags: dict, arch, train, seed: int,
+                       model, prepared: str | Path) -> str:
+    """A new training run, a variant's seed or a sweep trial, carrying what every one carries: ``tags``
+    with its identity and context tags, its params and its dataset. Returns its id."""
+    tags = {**tags, **run_identity(model, arch.model_name, cfg.recipe(train), seed), **context_tags()}
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    log_params(client, run_id, run_params(cfg, arch, train, seed, model))
+    log_dataset(client, run_id, cfg.data.source, prepared)
+    return run_id
+
+
 def _requirements(model) -> list[str]:
     """What loading the pickled model needs besides the ``sasa`` code: torch, and timm for its models."""
     import torch

@@ -24,22 +24,20 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from fsspec.core import url_to_fs
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 
 from pipeline import preflight
+from pipeline.checkpoints import AtomicCheckpointIO, checkpoint_callbacks, describe
 from pipeline.config import Config, ConfigError
 from pipeline.distributed import World, wait_for_launcher
 from pipeline.module import NonFiniteLoss, Run, StopAtBatchEnd, build_run, build_trainer
 from pipeline.runstate import RunRecord
 from pipeline.stage import StageError, atomic_write_text, run_stage
 from pipeline.stats import estimate
-from pipeline.tracking import (context_tags, count_metrics, experiment_id, log_dataset, log_model, log_params, run_identity,
-                               run_params, tracking_uri)
+from pipeline.tracking import count_metrics, experiment_id, log_model, start_training_run, tracking_uri
 
 METRICS = Path("metrics")
 # The seed's checkpoint folder holds its resume record (run.json) before the first checkpoint, and
@@ -92,30 +90,28 @@ def _start_or_resume_run(cfg: Config, variant: str, seed: int, ckpt_dir: str, ru
     done = record.unreported(fingerprint, client, exp_id)
     if done:
         return {"done": done}
-    state = record.resumable(fingerprint, client, exp_id)
-    if state:
-        return {"run_id": state["run_id"], "resume": fs.exists(f"{path}/last.ckpt")}
-    if fs.exists(path):  # also what a SLURM requeue or an older attempt left there
-        fs.rm(path, recursive=True)
-    arch = cfg.models.resolved(variant)
-    tags = {"sasa.kind": "train", "sasa.variant": variant, "dvc.stage": f"train@{variant}", "sasa.fingerprint": fingerprint}
-    tags.update(run_identity(run.module.model, arch.model_name, cfg.recipe(cfg.train), seed), **context_tags())
-    created = client.create_run(exp_id, run_name=f"{variant} seed {seed}", tags=tags)
-    run_id = created.info.run_id
-    log_params(client, run_id, run_params(cfg, arch, cfg.train, seed, run.module.model))
-    for name, value in count_metrics(run.counts).items():
-        client.log_metric(run_id, name, value)
-    log_dataset(client, run_id, cfg.data.source, run.data.prepared)
-    fs.makedirs(path, exist_ok=True)
-    record.write({"fingerprint": fingerprint, "run_id": run_id})
-    return {"run_id": run_id, "resume": False}
+
+    def start():
+        if fs.exists(path):  # also what a SLURM requeue or an older attempt left there
+            fs.rm(path, recursive=True)
+        tags = {"sasa.kind": "train", "sasa.variant": variant, "dvc.stage": f"train@{variant}", "sasa.fingerprint": fingerprint}
+        run_id = start_training_run(client, exp_id, cfg, f"{variant} seed {seed}", tags, cfg.models.resolved(variant), cfg.train,
+                                    seed, run.module.model, run.data.prepared)
+        for name, value in count_metrics(run.counts).items():
+            client.log_metric(run_id, name, value)
+        fs.makedirs(path, exist_ok=True)
+        return {"run_id": run_id}
+
+    state, resumed = record.resume_or_start(fingerprint, client, exp_id, start)
+    return {"run_id": state["run_id"], "resume": resumed and fs.exists(f"{path}/last.ckpt")}
 
 
-def _cluster_plugins() -> list:
-    """Under SLURM, Lightning's auto-requeue would save ``hpc_ckpt_*.ckpt`` on SIGUSR1 and restore
-    it whenever no checkpoint is given, so a fresh attempt could continue an old one. Resume is the
-    stage's own decision (``run.json``): requeueing is the job script's (``scripts/slurm/train.sbatch``)."""
-    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+def _plugins() -> list:
+    """Checkpoints replaced whole (``AtomicCheckpointIO``). Under SLURM, Lightning's auto-requeue would
+    save ``hpc_ckpt_*.ckpt`` on SIGUSR1 and restore it whenever no checkpoint is given, so a fresh
+    attempt could continue an old one. Resume is the stage's own decision (``run.json``): requeueing
+    is the job script's (``scripts/cluster/train.sbatch``)."""
+    return [AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])]
 
 
 def train(cfg: Config, variant: str) -> dict | None:
@@ -148,20 +144,13 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
     print(f"train@{variant} seed {seed}: rank {world.rank} of {world.size}, MLflow run {run_id}: {action}", flush=True)
 
     throughput = Throughput()
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1),
-        # every epoch, replaced: Lightning's save_last follows the monitored checkpoint, so it would
-        # stay at the last improving epoch, and a resume would repeat the epochs after it
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
-        throughput,
-        StopAtBatchEnd(),
-    ]
+    callbacks = [*checkpoint_callbacks(ckpt_dir), throughput, StopAtBatchEnd()]
     logger = EpochStepLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id) if world.is_zero else False
-    trainer = build_trainer(cfg.train, logger=logger, callbacks=callbacks, default_root_dir=ckpt_dir, plugins=_cluster_plugins())
+    trainer = build_trainer(cfg.train, logger=logger, callbacks=callbacks, default_root_dir=ckpt_dir, plugins=_plugins())
     try:
         trainer.fit(run.module, datamodule=run.data, ckpt_path=last if decision["resume"] else None, weights_only=True)
     except NonFiniteLoss as err:  # Lightning has marked the run FAILED
-        raise StageError(f"{err}. Training stopped before that step; {_describe(last)}. Lower train.lr or check the data.") from None
+        raise StageError(f"{err}. Training stopped before that step; {describe(last)}. Lower train.lr or check the data.") from None
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C (and so SIGTERM) into SystemExit
         if world.is_zero:
             MlflowClient(tracking_uri(cfg)).set_terminated(run_id, "KILLED")
@@ -170,15 +159,6 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
     if not world.is_zero:
         return None
     return _finish(cfg, variant, seed, run_id, trainer, throughput, run, ckpt_dir)
-
-
-def _describe(last: str) -> str:
-    fs, path = url_to_fs(last)
-    if not fs.exists(path):
-        return "no checkpoint had been written yet"
-    with fs.open(path, "rb") as f:
-        epoch = torch.load(f, map_location="cpu", weights_only=True)["epoch"]
-    return f"the last good checkpoint, {last} (end of epoch {epoch}), is intact"
 
 
 def _finish(cfg, variant, seed, run_id, trainer, throughput, run: Run, ckpt_dir) -> dict:
@@ -231,6 +211,7 @@ def main(argv=None):
             lambda cfg, args: train(cfg, args.variant),
             add_arguments=lambda p: p.add_argument("--variant", required=True, help="a key of models.variants"),
             argv=argv,
+            builds=("variants",),  # every variant, before the first one trains
         )
     except SystemExit as stop:
         if stop.code:

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Lightning's loggers bind sys.stderr when it is first imported: import it before any test captures
+# stderr, or later tests log to that test's captured stream, closed by then ("--- Logging error ---").
+import lightning.pytorch  # noqa: F401
 import pytest
 import yaml
 

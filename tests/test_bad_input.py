@@ -75,6 +75,20 @@ def test_unknown_variant_and_missing_prepared_data(workdir, capsys):
     assert sorted(p.name for p in workdir.iterdir()) == ["params.yaml"]
 
 
+@pytest.mark.parametrize("stage,record,content", [
+    ("train", "checkpoints/conv/seed-0/run.json", "{not json"),
+    ("sweep", "sweep/state.json", '{"fingerprint": "f", "run_id": "r"}'),  # no Tune experiment
+])
+def test_a_damaged_resume_record_exits_1_naming_the_file_and_the_fix(workdir, capsys, stage, record, content):
+    """Found before any training or Ray runtime starts."""
+    path = workdir / record
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    code, err = _run_main(stage, ["--variant", "conv"] if stage == "train" else [], capsys)
+    assert code == 1 and f"{record} is damaged" in err and "delete it to start this stage afresh" in err, err
+    assert "Traceback" not in err and path.read_text() == content
+
+
 @pytest.mark.slow
 def test_a_trial_no_node_can_hold_is_refused_before_it_starts(workdir, capsys):
     write_params(workdir, {"sweep": {"resources": {"gpu": 1 + torch.cuda.device_count()}}})

@@ -10,7 +10,10 @@ import time
 import mlflow
 import psutil
 import pytest
+import torch
 
+from pipeline.config import load_config
+from pipeline.sweep_results import best_trial
 from tests.conftest import run_module, write_params
 
 pytestmark = pytest.mark.slow
@@ -61,7 +64,8 @@ def _trial_workers():
 
 
 def test_a_killed_trial_is_retried_from_its_last_checkpoint(workdir):
-    _sweep_params(workdir, space={"kernel_size": [3]}, train={"epochs": 3, "limit_train_batches": 8},
+    """The trial trains as the train stage would, with its train section: here a weight EMA."""
+    _sweep_params(workdir, space={"kernel_size": [3]}, train={"epochs": 3, "limit_train_batches": 8, "ema_decay": 0.9},
                   scheduler={"type": "fifo"}, max_failures=2)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: any(len(h) >= 1 for h in _trial_histories(workdir).values()), proc)
@@ -82,6 +86,8 @@ def test_a_killed_trial_is_retried_from_its_last_checkpoint(workdir):
     assert child.info.status == "FINISHED"
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(child.info.run_id, "val_top1")]
     assert sorted(steps) == [1, 2, 3]
+    (checkpoint,) = (workdir / "sweep" / "ray").glob("*/*/checkpoint_*/last.ckpt")
+    assert "averaging_state" in torch.load(checkpoint, map_location="cpu", weights_only=True), "the trial trained without EMA"
 
 
 def test_a_stopped_driver_marks_its_runs_killed_and_resumes_only_the_unfinished_trials(workdir):
@@ -124,6 +130,9 @@ def test_a_stopped_driver_marks_its_runs_killed_and_resumes_only_the_unfinished_
     (parent,), children = _mlflow_runs(workdir)
     assert parent.info.status == "FINISHED" and sorted(c.data.params["arch/mixer"] for c in children) == sorted(mixers)
     assert all(c.info.status == "FINISHED" for c in children)
+    best = max(_results(workdir), key=lambda r: float(r["top1"]))  # sweep.metric: val_top1, mode: max
+    assert parent.data.tags["sasa.best_trial_run"] == best["mlflow_run_id"]
+    assert parent.data.metrics["best_trial_top1"] == pytest.approx(float(best["top1"]) / 100)
 
 
 def test_a_trial_can_be_a_ddp_job_of_ray_train_workers(workdir):
@@ -137,3 +146,12 @@ def test_a_trial_can_be_a_ddp_job_of_ray_train_workers(workdir):
     assert list(train_run.glob("checkpoint_*/last.ckpt"))
     _, (child,) = _mlflow_runs(workdir)
     assert child.info.status == "FINISHED" and child.data.metrics["flops"] > 0
+
+
+@pytest.mark.parametrize("metric,mode,best", [("val_top1", "max", "a"), ("val_loss", "min", "b")])
+def test_the_best_trial_is_the_best_by_sweep_metric_and_mode(tmp_path, metric, mode, best):
+    """The parent run's best trial (and the stage's summary) follow ``sweep.metric`` and ``sweep.mode``,
+    as Tune's scheduler does: here the trial with the higher top-1 also has the higher loss."""
+    write_params(tmp_path, {"sweep": {"metric": metric, "mode": mode}})
+    rows = [{"trial_id": "a", "top1": 90.0, "val_loss": 0.5}, {"trial_id": "b", "top1": 80.0, "val_loss": 0.3}]
+    assert best_trial(load_config(tmp_path / "params.yaml"), rows)["trial_id"] == best

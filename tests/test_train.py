@@ -1,10 +1,12 @@
 """The train stage through the real Lightning Trainer and a real SQLite MLflow store."""
 import json
+import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,9 +16,9 @@ import mlflow
 import mlflow.pytorch
 import pytest
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 import sasa
+from pipeline.checkpoints import AtomicCheckpointIO
 from tests.conftest import TINY, run_module, write_params
 
 pytestmark = pytest.mark.slow
@@ -158,7 +160,7 @@ def test_a_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good
     monkeypatch.setattr(train, "build_trainer", lambda cfg, **kw: real_build(cfg, **{**kw, "callbacks": [*kw["callbacks"], _NanAtSecondEpoch()]}))
     last = workdir / "checkpoints" / "conv" / "seed-0" / "last.ckpt"
     saved = {}
-    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", _recording(TorchCheckpointIO.save_checkpoint, saved))
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", _recording(AtomicCheckpointIO.save_checkpoint, saved))
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--variant", "conv"])
     err = capsys.readouterr().err
@@ -182,6 +184,41 @@ def _recording(save, saved):
             saved["last"] = Path(path).read_bytes()
 
     return wrapper
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, request):
+    """With the system temp folder on another filesystem than the checkpoints (a node's own /tmp,
+    checkpoints on shared storage), Lightning's own save ends in a copy into ``last.ckpt``, and a kill
+    during that copy left a truncated checkpoint to resume from."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than pytest's temporary folders")
+    elsewhere = tempfile.mkdtemp(dir=other)
+    request.addfinalizer(lambda: shutil.rmtree(elsewhere))
+    monkeypatch.setattr(tempfile, "tempdir", elsewhere)
+    io, last = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 0}, last)
+
+    def killed(source, target, *args):  # the copy, cut short
+        target.write(source.read(64))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfileobj", killed)
+    monkeypatch.setattr(shutil, "_fastcopy_sendfile", killed)
+    try:
+        io.save_checkpoint({"epoch": 1}, last)
+    except KeyboardInterrupt:
+        pass
+    assert torch.load(last, weights_only=True)["epoch"] in (0, 1)
+
+    def killed_writing(obj, f, *args, **kwargs):  # the checkpoint's own write, cut short
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_writing)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 2}, last)
+    assert torch.load(last, weights_only=True)["epoch"] in (0, 1) and os.listdir(tmp_path) == ["last.ckpt"]
 
 
 def test_checkpoints_behind_an_fsspec_url(workdir):
