@@ -30,7 +30,10 @@ def project(dvc_project):
     return dvc_project
 
 
-def test_repro_status_rerun_and_report(project):
+def test_repro_status_rerun_report_and_experiments(project):
+    """One project through the whole DVC story (each part needs the full `dvc repro` before it, the
+    suite's slowest step, so they share it): repro, status, a cached re-run, a per-variant re-run,
+    then experiments compared against the committed results."""
     first = _sh("dvc", "repro", cwd=project)
     for stage in ("prepare", "train@conv", "train@attn", "train@bot", "sweep", "report"):
         assert f"Running stage '{stage}'" in first.stdout
@@ -73,6 +76,7 @@ def test_repro_status_rerun_and_report(project):
     third = _sh("dvc", "repro", cwd=project)
     ran = sorted(line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage"))
     assert ran == ["report", "train@attn"]
+    _experiments_carry_their_results_and_runs(project)
 
 
 def _train_runs_and_trials_line_up(project, runs):
@@ -125,12 +129,11 @@ def _exp_metrics(project) -> dict:
     return found
 
 
-def test_experiments_queued_and_in_the_workspace_carry_their_results_and_runs(project):
+def _experiments_carry_their_results_and_runs(project):
     """`dvc exp run --queue` + `dvc queue start` runs in a temporary copy of the project: its MLflow
     run still lands in the project's store, tagged with the experiment's name. A workspace `dvc exp
     run -S` re-runs only what the changed keys feed; run-time knobs re-run nothing. `dvc exp show`,
     `dvc exp diff`, `dvc metrics diff` and `dvc plots diff` then compare the experiments' results."""
-    _sh("dvc", "repro", cwd=project)
     _sh("git", "add", "-A", cwd=project)  # what the README says to commit: dvc.lock, metrics/, reports/, sweep/results.csv
     _sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline results", cwd=project)
     assert "reports/metrics.json" in _sh("git", "ls-files", cwd=project).stdout
