@@ -131,3 +131,21 @@ def test_input_too_small_for_the_network(small_input, size):
 def test_wrong_input_channels():
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         sasa.create_model("resnet26", in_chans=1, width=0.25)(torch.randn(1, 3, 64, 64))
+
+
+def test_importing_sasa_imports_no_optional_heavy_library():
+    """`import sasa` (every CLI call, every benchmark case's fresh process) pays for torch only:
+    timm (with torchvision and torch._dynamo) comes with the first timm layer built, FlexAttention
+    with the first GPU call. Building an SE block then imports timm."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import sys, sasa; heavy = ('timm', 'torchvision', 'torch._dynamo', 'torch.nn.attention.flex_attention'); "
+        "print([m for m in heavy if m in sys.modules]); "
+        "sasa.create_model('resnet26', block_attention='se', width=0.25); print('timm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "True"], out

@@ -14,14 +14,21 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 MIN_HEAD_DIM = 16
 
 
+def _flex():
+    """torch's FlexAttention module, imported on first use: only GPUs run this path, and the import
+    would add about 0.5 s to every ``import sasa``."""
+    from torch.nn.attention import flex_attention
+
+    return flex_attention
+
+
 @functools.cache
 def _compiled_flex_attention():
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(_flex().flex_attention, dynamic=False)
 
 
 def _window(H, W, kernel_size):
@@ -35,7 +42,7 @@ def _window(H, W, kernel_size):
 
 @functools.lru_cache(maxsize=64)
 def _block_mask(H, W, kernel_size, device):
-    return create_block_mask(_window(H, W, kernel_size), B=None, H=None, Q_LEN=H * W, KV_LEN=H * W, device=device)
+    return _flex().create_block_mask(_window(H, W, kernel_size), B=None, H=None, Q_LEN=H * W, KV_LEN=H * W, device=device)
 
 
 def _relative(row_logits, col_logits, W, kernel_size):
@@ -66,6 +73,7 @@ def flex_local_attention(q, k, v, row_logits, col_logits, kernel_size, compiled=
     if compiled:
         attend, block_mask = _compiled_flex_attention(), _block_mask(H, W, kernel_size, str(q.device))
     else:
-        attend, block_mask = flex_attention, create_block_mask(_window(H, W, kernel_size), None, None, H * W, H * W, device=q.device)
+        flex = _flex()
+        attend, block_mask = flex.flex_attention, flex.create_block_mask(_window(H, W, kernel_size), None, None, H * W, H * W, device=q.device)
     out = attend(tokens(q), tokens(k), tokens(v), score_mod=score_mod, block_mask=block_mask, scale=1.0)
     return out[..., :d].transpose(2, 3).reshape(B, heads, d, H, W)
