@@ -15,16 +15,27 @@ import argparse
 
 from benchmarks.common import in_fresh_process, measure_steps, median, positive_int, saved_bytes
 
-MIXERS = ("sasa", "halo", "neighborhood", "bot", "aa", "san_pairwise", "san_patchwise", "quadratic", "acmix", "lesa", "elsa")
-IMPLS = ("fast", "reference")
-ONE_KERNEL_MIXERS = ("gnconv", "qna")  # one implementation each (convolutions)
-LAYERS = ("conv3x3", *(f"{mixer}_{impl}" for mixer in MIXERS for impl in IMPLS), *ONE_KERNEL_MIXERS, "sdpa_core")
+from sasa.layers import MIXER_INFO
+
+
+def _mixer_cases() -> dict[str, tuple[str, str | None]]:
+    """Case name -> (mixer, impl): ``NAME_fast`` and ``NAME_reference`` for a mixer with both,
+    ``NAME`` for one with a single implementation; the conv is the baseline, ``conv3x3``."""
+    cases = {}
+    for name, info in MIXER_INFO.items():
+        if name != "conv":
+            cases.update({f"{name}_{impl}": (name, impl) for impl in info.impls} or {name: (name, None)})
+    return cases
+
+
+MIXER_CASES = _mixer_cases()
+LAYERS = ("conv3x3", *MIXER_CASES, "sdpa_core")
 DEFAULT_SHAPES = [(8, 128, 28, 28), (8, 64, 56, 56), (8, 256, 14, 14)]  # ResNet groups 2, 1, 3 at 224 px / 2
 
 
 def _build(layer, channels, kernel_size):
-    """``kernel_size`` is the window of the local mixers; halo uses 8 x 8 blocks with halo k // 2
-    (HaloNet's b = 8, h = 3 at k = 7); bot and aa attend globally whatever k is."""
+    """``kernel_size`` is the window of the local mixers (each mixer's registered benchmark options
+    fit theirs to it, e.g. halo's 8 x 8 blocks with halo k // 2); bot and aa attend globally."""
     from sasa.layers import create_mixer
 
     if layer == "conv3x3":
@@ -33,9 +44,9 @@ def _build(layer, channels, kernel_size):
         from benchmarks.sdpa_core import SDPACore
 
         return SDPACore(heads=8)
-    mixer, impl = (layer, "fast") if layer in ONE_KERNEL_MIXERS else layer.rsplit("_", 1)
-    options = {"block_size": 8, "halo": kernel_size // 2} if mixer == "halo" else {}
-    return create_mixer(mixer, channels, channels, shared={"kernel_size": kernel_size, "heads": 8, "impl": impl}, **options)
+    mixer, impl = MIXER_CASES[layer]
+    shared = {"kernel_size": kernel_size, "heads": 8} | ({"impl": impl} if impl else {})
+    return create_mixer(mixer, channels, channels, shared=shared, **MIXER_INFO[mixer].bench_options(kernel_size))
 
 
 def _measure(layer, shape, kernel_size, repeats, warmup, device, dtype):

@@ -9,9 +9,9 @@ on a GPU).
 from __future__ import annotations
 
 from benchmarks.common import in_fresh_process, measure_steps, median, positive_int
+from sasa.layers.registry import IMPLS
+from sasa.models import FORMS
 
-FORMS = ("conv", "conv_stem_attention", "full_attention")
-IMPLS = ("fast", "reference")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 
 
@@ -76,9 +76,10 @@ def markdown(rows):
 
 
 def add_arguments(parser):
-    from sasa import list_models
+    from sasa.models import list_models
+    from sasa.models.registry import RESNET
 
-    parser.add_argument("--model", default="resnet26", choices=list_models(), help="default resnet26")
+    parser.add_argument("--model", default="resnet26", choices=list_models(family=RESNET), help="default resnet26")
     parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS), help="the first is the baseline")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=["fast"], help="attention kernels (default fast)")
     parser.add_argument("--resolution", type=positive_int, help="image size (default 32 on CPU, 224 on GPU)")

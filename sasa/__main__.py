@@ -11,8 +11,7 @@ import sys
 from sasa import count, create_model, list_models
 from sasa.layers import MIXERS, STEMS
 from sasa.layers.block_attention import BLOCK_ATTENTIONS
-from sasa.models import FORMS
-from sasa.models.resnet import RESNETS
+from sasa.models import FORMS, is_resnet
 from sasa.paper import TABLE1
 
 
@@ -41,7 +40,7 @@ RESNET_OPTIONS = ("form", "stem", "attention_groups", "kernel_size", "heads", "p
 
 def _info(args):
     given = [o for o in RESNET_OPTIONS if getattr(args, o) is not None]
-    if args.model in RESNETS:
+    if is_resnet(args.model):
         if args.model_arg:
             raise ValueError(f"--model-arg is for non-ResNet models; {args.model} takes --form, --stem, ... ")
         kwargs = {o: getattr(args, o) for o in given if o != "mixer_arg"}

@@ -29,6 +29,7 @@ from sasa.layers._kernels import kernel
 from sasa.layers.blocked import index_tables, query_blocks, window_axis
 from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
+from sasa.layers.registry import register_mixer
 
 
 def coordinates(H, W, device=None, dtype=None):
@@ -40,6 +41,7 @@ def coordinates(H, W, device=None, dtype=None):
     return torch.stack([y, x])[None]
 
 
+@register_mixer("acmix", paper="ACmix (Pan et al., 2022)", marker="$A$")
 class ACmix2d(nn.Module):
     counted_impl = "reference"
     query_block = 4

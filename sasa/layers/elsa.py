@@ -29,8 +29,10 @@ from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel,
 from sasa.layers._kernels import kernel
 from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.ops.footprint_aggregate import footprint_aggregate
+from sasa.layers.registry import register_mixer
 
 
+@register_mixer("elsa", paper="ELSA (Zhou et al., 2021)", marker="$E$")
 class ELSA2d(nn.Module):
     counted_impl = "reference"
 

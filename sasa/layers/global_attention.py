@@ -16,6 +16,7 @@ from sasa.layers._kernels import kernel
 from sasa.layers.blocked import blocked_attention_2d, global_axis
 from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings
 from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
+from sasa.layers.registry import register_mixer
 
 GLOBAL_POS_ENCODINGS = ("relative", "none")
 
@@ -138,6 +139,9 @@ def _check_common(in_channels, out_channels, stride, heads, max_extent, pos_enc)
     check_choice("pos_enc", pos_enc, GLOBAL_POS_ENCODINGS)
 
 
+@register_mixer(
+    "bot", paper="BoTNet (Srinivas et al., 2021)", marker="X", test_options={"max_extent": 4}, groups=(4,)
+)
 class BoTAttention2d(_RelativeGlobalAttention):
     """BoTNet's multi-head self-attention (Srinivas et al., 2021): every pixel attends over the
     whole map, with 2-D relative position logits (``pos_enc="relative"``) or none (``"none"``,
@@ -171,6 +175,12 @@ class BoTAttention2d(_RelativeGlobalAttention):
         )
 
 
+@register_mixer(
+    "aa",
+    paper="Attention-augmented convolution (Bello et al., 2019)",
+    marker="<",
+    test_options={"max_extent": 4, "dk_fraction": 0.5, "dv_fraction": 0.5},
+)
 class AttentionAugmentedConv2d(_RelativeGlobalAttention):
     """Attention-augmented convolution (Bello et al., 2019): a 3x3 conv with out_channels - dv
     outputs concatenated with dv channels of global relative multi-head self-attention, so the

@@ -15,8 +15,10 @@ import torch.nn as nn
 
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
 from sasa.layers.sasa2d import CeilAvgPool2d
+from sasa.layers.registry import register_mixer
 
 
+@register_mixer("gnconv", paper="g^n Conv, HorNet (Rao et al., 2022)", marker="$g$")
 class GnConv2d(nn.Module):
     def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, order=3, scale=1 / 3):
         super().__init__()

@@ -10,10 +10,18 @@ from sasa.layers._kernels import kernel
 from sasa.layers.blocked import blocked_mixer_attention, halo_axis
 from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings, check_attention_layer
 from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
+from sasa.layers.registry import register_mixer
 
 POS_ENCODINGS = ("relative", "none")
 
 
+@register_mixer(
+    "halo",
+    paper="HaloNet (Vaswani et al., 2021)",
+    marker="P",
+    bench_options=lambda k: {"block_size": 8, "halo": k // 2},  # HaloNet's b = 8, h = 3 at k = 7
+    test_options={"block_size": 3, "halo": 1},
+)
 class HaloAttention2d(nn.Module):
     """Multi-head local self-attention over blocks with a halo (Vaswani et al., 2021, "Scaling
     Local Self-Attention for Parameter Efficient Visual Backbones").

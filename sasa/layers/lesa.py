@@ -20,8 +20,10 @@ import torch.nn as nn
 from sasa.layers._checks import check_choice, check_divisible, check_positive_int
 from sasa.layers.global_attention import BoTAttention2d
 from sasa.layers.sasa2d import CeilAvgPool2d
+from sasa.layers.registry import register_mixer
 
 
+@register_mixer("lesa", paper="LESA (Yang et al., 2021)", marker="$L$", test_options={"max_extent": 4})
 class LESA2d(nn.Module):
     def __init__(self, in_channels, out_channels, stride=1, *, heads=8, max_extent=16, pos_enc="relative", impl="fast"):
         super().__init__()

@@ -9,6 +9,7 @@ from sasa.layers._kernels import kernel
 from sasa.layers.blocked import blocked_mixer_attention, neighborhood_axis
 from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings, check_attention_layer
 from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
+from sasa.layers.registry import register_mixer
 
 POS_ENCODINGS = ("relative", "none")
 
@@ -20,6 +21,7 @@ def window_positions(n, kernel_size, device=None):
     return start[:, None] + torch.arange(kernel_size, device=device)
 
 
+@register_mixer("neighborhood", paper="Neighborhood Attention (Hassani et al., 2023)", marker="v")
 class NeighborhoodAttention2d(nn.Module):
     """Multi-head local self-attention over each pixel's k x k nearest neighbours (Hassani et
     al., 2023, "Neighborhood Attention Transformer").

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
 from sasa.layers.sasa2d import CeilAvgPool2d
+from sasa.layers.registry import register_mixer
 
 
+@register_mixer("qna", paper="QnA (Arar et al., 2022)", marker="$Q$")
 class QnA2d(nn.Module):
     def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=4, queries=2):
         super().__init__()

@@ -24,8 +24,10 @@ from sasa.layers._kernels import kernel
 from sasa.layers.blocked import global_axis, index_tables
 from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
+from sasa.layers.registry import register_mixer
 
 
+@register_mixer("quadratic", paper="Quadratic encoding (Cordonnier et al., 2020)", marker="$q$")
 class QuadraticAttention2d(nn.Module):
     counted_impl = "reference"
 

@@ -30,6 +30,7 @@ from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel,
 from sasa.layers._kernels import kernel
 from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.ops.footprint_aggregate import FOOTPRINT_AGGREGATE_IMPLS
+from sasa.layers.registry import register_mixer
 
 
 class _VectorAttention2d(nn.Module):
@@ -86,6 +87,9 @@ class _VectorAttention2d(nn.Module):
         )
 
 
+@register_mixer(
+    "san_pairwise", paper="SAN (Zhao et al., 2020), pairwise", marker="h", test_options={"share": 2, "reduction": 2}
+)
 class SANPairwise2d(_VectorAttention2d):
     """SAN's pairwise vector attention: alpha(x_i, x_j) = gamma([phi(x_i) - psi(x_j), p(j - i)]).
 
@@ -122,6 +126,9 @@ class SANPairwise2d(_VectorAttention2d):
         return self.aggregate(self.gamma(torch.cat([relation, pos], dim=1)), x)
 
 
+@register_mixer(
+    "san_patchwise", paper="SAN (Zhao et al., 2020), patchwise", marker="H", test_options={"share": 2, "reduction": 2}
+)
 class SANPatchwise2d(_VectorAttention2d):
     """SAN's patchwise vector attention: alpha(x_R(i)) = gamma([phi(x_i), psi(x_j) for j in R(i)]),
     one weight vector per footprint position computed from the whole patch (SAN's concatenation

@@ -185,11 +185,11 @@ def reference_conv_projection(proj: ConvProjection, x):
     return torch.stack(tokens, 1)
 
 
-@register_model
+@register_model(family="CvT")
 def cvt13(**kwargs):
     return CvT(**{"depths": (1, 2, 10), **kwargs})
 
 
-@register_model
+@register_model(family="CvT")
 def cvt21(**kwargs):
     return CvT(**{"depths": (1, 4, 16), **kwargs})

@@ -1,26 +1,53 @@
 """Model registry: ``create_model(name, **kwargs)`` instead of if-chains. Names starting with
-``timm:`` are timm's architectures (``sasa.models.timm_source``)."""
+``timm:`` are timm's architectures (``sasa.models.timm_source``).
+
+Each model registers itself with its family: the ResNets take their options as keys of their own
+(form, stem, mixer, ...), every other family takes them as one mapping (``model_args``), and the
+report groups runs by family. What enumerates models reads this registry."""
+
 from __future__ import annotations
 
 from sasa.layers._checks import check_choice
 from sasa.models.timm_source import PREFIX as TIMM_PREFIX
 from sasa.models.timm_source import create_timm_model
+from sasa.models.timm_source import family as timm_family
 
-_MODELS = {}
-
-
-def register_model(fn):
-    _MODELS[fn.__name__] = fn
-    return fn
+RESNET = "ResNet"
+_MODELS = {}  # name -> (builder, family)
 
 
-def list_models():
-    """This library's own models; any timm model is also available as ``timm:NAME``."""
-    return sorted(_MODELS)
+def register_model(*, family: str):
+    """Decorator: ``@register_model(family="ResNet")`` adds the builder under its function name."""
+
+    def add(builder):
+        if builder.__name__ in _MODELS:
+            raise ValueError(f"model {builder.__name__!r} is registered twice")
+        _MODELS[builder.__name__] = (builder, family)
+        return builder
+
+    return add
+
+
+def list_models(family: str | None = None):
+    """This library's own models (of one family); any timm model is also available as ``timm:NAME``."""
+    return sorted(name for name, (_, fam) in _MODELS.items() if family is None or fam == family)
 
 
 def is_timm(name: str) -> bool:
     return name.startswith(TIMM_PREFIX)
+
+
+def model_family(name: str) -> str:
+    """``ResNet``, ``CvT``, or a timm model's family (``timm:vit_small_patch16_224`` -> ``ViT``)."""
+    if is_timm(name):
+        return timm_family(name[len(TIMM_PREFIX) :])
+    check_model(name)
+    return _MODELS[name][1]
+
+
+def is_resnet(name: str) -> bool:
+    """Whether ``name`` is one of the ResNets, which take the paper's architecture keys."""
+    return not is_timm(name) and name in _MODELS and _MODELS[name][1] == RESNET
 
 
 def check_model(name):
@@ -33,6 +60,6 @@ def create_model(name, **kwargs):
     """Build a registered model, e.g. ``create_model("resnet50", form="full_attention")`` or
     ``create_model("timm:vit_small_patch16_224", img_size=32, patch_size=4)``."""
     if is_timm(name):
-        return create_timm_model(name[len(TIMM_PREFIX):], **kwargs)
+        return create_timm_model(name[len(TIMM_PREFIX) :], **kwargs)
     check_model(name)
-    return _MODELS[name](**kwargs)
+    return _MODELS[name][0](**kwargs)

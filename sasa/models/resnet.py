@@ -11,7 +11,7 @@ from sasa.layers import MIXERS, POS_ENCODINGS, STEMS, create_mixer
 from sasa.layers._checks import check_choice, check_odd_kernel, check_positive_int
 from sasa.layers.block_attention import BLOCK_ATTENTIONS, create_block_attention
 from sasa.layers.stem import STEM_STRIDE
-from sasa.models.registry import register_model
+from sasa.models.registry import RESNET, list_models, register_model
 
 GROUPS = (1, 2, 3, 4)
 # A form is a shorthand for (stem, attention groups); explicit ``stem``/``attention_groups`` override it.
@@ -176,19 +176,19 @@ def from_torchvision_state_dict(state_dict):
     return renamed
 
 
-RESNETS = ("resnet26", "resnet38", "resnet50")
-
-
-@register_model
+@register_model(family=RESNET)
 def resnet26(**kwargs):
     return ResNet([1, 2, 4, 1], **kwargs)
 
 
-@register_model
+@register_model(family=RESNET)
 def resnet38(**kwargs):
     return ResNet([2, 3, 5, 2], **kwargs)
 
 
-@register_model
+@register_model(family=RESNET)
 def resnet50(**kwargs):
     return ResNet([3, 4, 6, 3], **kwargs)
+
+
+RESNETS = tuple(list_models(family=RESNET))
