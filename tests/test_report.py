@@ -8,7 +8,10 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.report import TABLES, load_runs, report, tables_markdown
+from pipeline.report import report
+from pipeline.report.render import tables_markdown
+from pipeline.report.runs import load_runs
+from pipeline.report.tables import TABLES, paper_tables
 from pipeline.stats import compare, estimate
 from tests.conftest import run_module, write_params
 
@@ -97,6 +100,6 @@ def test_every_table_renders_from_variants_and_sweep_trials(workdir):
 
     # with the conv runs alone, no table has two values: each says which params produce it
     _, configs = load_runs(cfg)
-    lines, verdicts = tables_markdown([c for c in configs if c.names == {"conv"}])
-    absent = [line for line in lines if line.startswith("- *")]
-    assert not verdicts and len(absent) == len(TABLES) and all("produce it with" in line for line in absent)
+    tables = paper_tables([c for c in configs if c.names == {"conv"}])
+    absent = [line for line in tables_markdown(tables) if line.startswith("- *")]
+    assert not tables.comparisons() and len(absent) == len(TABLES) and all("produce it with" in line for line in absent)

@@ -1,0 +1,126 @@
+"""The runs the report reads: every finished training run of the current recipe from MLflow,
+pooled into configurations, and the sweep's trials from ``sweep/results.csv``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from pipeline.config import Config
+from pipeline.locations import redact
+from pipeline.report.tables import Configuration, is_resnet
+from pipeline.stage import StageError
+from pipeline.tracking import tracking_uri
+
+SWEEP_RESULTS = Path("sweep/results.csv")
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def run_record(run) -> dict:
+    """One run as the report needs it. A variant's run is named by its variant; a sweep trial's by
+    its sweep and swept values (``k kernel_size=5``), which are also its ``trial``."""
+    m, tags = run.data.metrics, run.data.tags
+    arch = {k.split("/", 1)[1]: json.loads(v) for k, v in run.data.params.items() if k.startswith("resolved/")}
+    if is_resnet(arch):
+        arch["attention_groups"] = tuple(arch["attention_groups"])
+    if "sasa.variant" in tags:
+        name, trial = tags["sasa.variant"], None
+    else:
+        trial = (tags["sasa.sweep"], tags["sasa.trial_values"])
+        name = " ".join(trial)
+    return {
+        "run_id": run.info.run_id,
+        "kind": tags["sasa.kind"],
+        "name": name,
+        "seed": int(tags["sasa.seed"]),
+        "trial": trial,
+        "arch_hash": tags["sasa.arch"],
+        "arch": arch,
+        "params": int(m["num_params"]),
+        "mflops": m["flops"] / 1e6,
+        "top1": 100 * m["top1"],
+        "top5": 100 * m.get("top5", math.nan),
+        "images_per_s": m.get("throughput_images_per_s", math.nan),
+        "start_time": run.info.start_time,
+    }
+
+
+def load_runs(cfg: Config) -> tuple[dict[str, list[dict]], list[Configuration]]:
+    """The current variants' runs (every seed must have one) and every configuration of the
+    current recipe that finished runs cover, by increasing FLOPs."""
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        raise StageError(
+            f"no MLflow experiment {cfg.mlflow.experiment!r} at {redact(tracking_uri(cfg))}: run the train stage first"
+        )
+    exp_id = experiment.experiment_id
+    variants, missing = {}, []
+    for variant in cfg.models.variants:
+        variants[variant] = []
+        for seed in cfg.train.seeds:
+            found = client.search_runs(
+                [exp_id],
+                filter_string=(
+                    f"tags.`sasa.kind` = 'train' and tags.`sasa.fingerprint` = '{cfg.fingerprint(variant, seed)}' "
+                    "and attributes.status = 'FINISHED'"
+                ),
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if found:
+                variants[variant].append(run_record(found[0]))
+            else:
+                missing.append(f"{variant} (seed {seed})")
+    if missing:
+        raise StageError(
+            f"no finished MLflow run with the current configuration for: {', '.join(missing)} (run dvc repro)"
+        )
+
+    configs = {}  # (recipe, architecture) -> its configuration, with the latest finished run of each seed
+    for recipe in dict.fromkeys([cfg.recipe(cfg.train), cfg.recipe(cfg.trial_train())]):
+        for run in _search(client, exp_id, f"tags.`sasa.recipe` = '{recipe}' and attributes.status = 'FINISHED'"):
+            if run.data.tags.get("sasa.kind") not in ("train", "sweep_trial") or "top1" not in run.data.metrics:
+                continue
+            row = run_record(run)
+            c = configs.setdefault((recipe, row["arch_hash"]), Configuration(row["arch"], row["params"], row["mflops"]))
+            c.names.add(row["name"])
+            if row["trial"]:
+                c.trials.add(row["trial"])
+            if row["seed"] not in c.runs or row["start_time"] > c.runs[row["seed"]]["start_time"]:
+                c.runs[row["seed"]] = row
+    return variants, sorted(configs.values(), key=lambda c: c.mflops)
+
+
+def load_sweep(path: Path = SWEEP_RESULTS) -> list[dict]:
+    """The sweep's trials, every one (ASHA-stopped too), with their columns typed."""
+    if not path.is_file():
+        raise StageError(f"{path} is missing: run the sweep stage first (dvc repro sweep)")
+    rows = list(csv.DictReader(path.open()))
+    if not rows:
+        raise StageError(f"{path} has no trials")
+    for r in rows:
+        r.update(
+            kernel_size=int(r["kernel_size"]) if r["kernel_size"] else None,
+            stem=r["stem"] or None,
+            params=int(r["params"]),
+            mflops=float(r["mflops"]),
+            seed=int(r["seed"]),
+            top1=float(r["top1"]),
+            epochs=int(r["epochs"]),
+            stopped_early=r["stopped_early"] == "True",
+        )
+    return rows
