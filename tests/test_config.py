@@ -127,26 +127,6 @@ def _stage_params() -> dict[str, set[str]]:
             "sweep": set(stages["sweep"]["params"]), "report": set(stages["report"]["params"])}
 
 
-def test_stages_track_what_changes_results_key_by_key_and_no_runtime_knob():
-    """dvc.yaml's params per stage: every key of data/train that changes a run's results, never a
-    run-time knob (workers, progress bar, checkpoint folder, tracking store) except where the report
-    reads its runs; prepare only what changes the prepared images."""
-    from pipeline.config import RUNTIME_KEYS, Config
-
-    stages = _stage_params()
-    keys = _leaves(Config.model_validate(yaml.safe_load((REPO / "params.yaml").read_text())).params_file())
-    results = {k for k in keys if k.split(".")[0] in ("data", "train")} - RUNTIME_KEYS
-    assert stages["prepare"] == {"data.source", "data.path", "data.on_bad_file", "data.val_fraction", "data.seed"}
-    for name in ("train", "sweep", "report"):
-        listed = {k for k in stages[name] if k.split(".")[0] in ("data", "train")}
-        assert listed == results, name
-    assert not (stages["train"] | stages["sweep"]) & RUNTIME_KEYS and not stages["prepare"] & RUNTIME_KEYS
-    assert stages["report"] & RUNTIME_KEYS == {"mlflow.tracking_uri", "mlflow.experiment"}
-    sweep_keys = {k for k in keys if k.startswith("sweep.")}
-    listed = {k for k in stages["sweep"] if k.startswith("sweep.")}
-    assert {k for k in sweep_keys if any(_within(k, entry) for entry in listed)} == sweep_keys - RUNTIME_KEYS
-
-
 def _within(key: str, entry: str) -> bool:
     return key == entry or key.startswith(f"{entry}.")
 
