@@ -14,6 +14,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -38,6 +40,22 @@ def _name():
     return "sasa_local_attention_cpu_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
 
 
+def _staged_sources(folder: Path) -> list[str]:
+    """The sources as copied to ``folder``, named by their content (``_name``). torch rebuilds an
+    extension whose source paths change, so every copy of the project (each node's checkout, each
+    test's project folder) would rebuild it, and the next process from another copy again; built from
+    one staged copy, they all share one build."""
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}."))
+        shutil.copytree(CSRC, tmp, dirs_exist_ok=True)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process staged it first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [str(folder / p.name) for p in SOURCES]
+
+
 @functools.cache
 def load():
     """The ``torch.ops.sasa_cpu`` namespace, or None when the extension is off or cannot be built."""
@@ -48,7 +66,13 @@ def load():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load as build_and_load
 
-        build_and_load(name=_name(), sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS + OPENMP, extra_ldflags=OPENMP, is_python_module=False, verbose=False)
+        from torch.utils.cpp_extension import get_default_build_root
+
+        name = _name()
+        sources = _staged_sources(Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / f"{name}_src")
+        build_and_load(
+            name=name, sources=sources, extra_cflags=CFLAGS + OPENMP, extra_ldflags=OPENMP, is_python_module=False, verbose=False
+        )
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: the PyTorch kernel still works
         warnings.warn(f"sasa: the C++ CPU kernel could not be built, using the slower PyTorch kernel ({type(exc).__name__}: {exc})", stacklevel=2)
         return None
