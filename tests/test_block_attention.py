@@ -95,7 +95,7 @@ def test_block_attention_is_checked_and_trains_in_a_resnet26_step():
         sasa.create_model("resnet26", block_attention="sk")
     model = sasa.create_model("resnet26", form="full_attention", block_attention="cbam", width=0.125, heads=2, kernel_size=3,
                               small_input=True, num_classes=10)
-    assert model.config["block_attention"] == "cbam" and "block_attention" not in sasa.create_model("resnet26").config
+    assert model.config["block_attention"] == "cbam" and sasa.create_model("resnet26").config["block_attention"] is None
     loss = F.cross_entropy(model(torch.randn(2, 3, 16, 16)), torch.tensor([1, 2]))
     loss.backward()
     assert math.isfinite(loss.item()) and model.layer1[0].attention.channel.fc1.weight.grad.abs().sum() > 0

@@ -11,7 +11,7 @@ from sasa.layers import MIXERS, POS_ENCODINGS, STEMS, create_mixer
 from sasa.layers._checks import check_choice, check_odd_kernel, check_positive_int
 from sasa.layers.block_attention import BLOCK_ATTENTIONS, create_block_attention
 from sasa.layers.stem import STEM_STRIDE
-from sasa.models.registry import RESNET, list_models, register_model
+from sasa.models.registry import RESNET, register_model
 
 GROUPS = (1, 2, 3, 4)
 # A form is a shorthand for (stem, attention groups); explicit ``stem``/``attention_groups`` override it.
@@ -112,10 +112,8 @@ class ResNet(nn.Module):
         self.config = dict(
             form=form, stem=stem, attention_groups=attention_groups, kernel_size=kernel_size, heads=heads,
             pos_enc=pos_enc, width=width, num_classes=num_classes, in_chans=in_chans, small_input=small_input,
-            zero_init_residual=zero_init_residual, mixer=mixer, mixer_args=mixer_args,
+            zero_init_residual=zero_init_residual, mixer=mixer, mixer_args=mixer_args, block_attention=block_attention,
         )
-        if block_attention is not None:  # recorded only when set: runs from before the option resolve as they did
-            self.config["block_attention"] = block_attention
         self.in_chans = in_chans
         self.min_input_size = STEM_STRIDE[bool(small_input)] * 8
         shared = dict(kernel_size=kernel_size, heads=heads, pos_enc=pos_enc, impl=impl)
@@ -189,6 +187,3 @@ def resnet38(**kwargs):
 @register_model(family=RESNET)
 def resnet50(**kwargs):
     return ResNet([3, 4, 6, 3], **kwargs)
-
-
-RESNETS = tuple(list_models(family=RESNET))
