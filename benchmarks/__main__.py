@@ -4,6 +4,7 @@ Each writes JSON (rows + machine) and a markdown summary under ``benchmarks/resu
 the summary. Every figure is a median over repeats, and every ratio is against a baseline
 measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,22 @@ BENCHMARKS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="benchmark", required=True)
     for name, (module, title) in BENCHMARKS.items():
-        p = sub.add_parser(name, help=title, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=title, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         module.add_arguments(p)
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype (default float32: no autocast)")
+        p.add_argument(
+            "--dtype",
+            default="float32",
+            choices=("float32", "bfloat16", "float16"),
+            help="autocast dtype (default float32: no autocast)",
+        )
         p.add_argument("--repeats", type=positive_int, default=5)
         p.add_argument("--warmup", type=int, default=2)
         p.add_argument("--out", type=Path, default=Path(f"benchmarks/results/{name}.json"))

@@ -1,4 +1,5 @@
 """What every benchmark shares: fresh processes, medians, timing that waits for the device, output."""
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,12 @@ def machine():
 
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -9,12 +9,12 @@ backward pass, and the peak memory of the step (GPU: allocator peak; CPU: growth
 process's peak resident memory). Each case runs in a fresh process, and every figure is also a
 ratio to the convolution measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
 
 from benchmarks.common import in_fresh_process, measure_steps, median, positive_int, saved_bytes
-
 from sasa.layers import MIXER_INFO
 
 
@@ -112,7 +112,8 @@ def markdown(rows):
         time_ms = "out of memory" if r.get("oom") else fmt(r["median_ms"], ".1f")
         lines.append(
             f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['kernel_size']} | {time_ms} | "
-            f"{fmt(r.get('time_vs_conv'), '.2f')} | {r['saved_bytes'] / mib:.1f} | {fmt(r.get('saved_vs_conv'), '.2f')} | "
+            f"{fmt(r.get('time_vs_conv'), '.2f')} | {r['saved_bytes'] / mib:.1f} | "
+            f"{fmt(r.get('saved_vs_conv'), '.2f')} | "
             f"{fmt(r.get('peak_bytes') and r['peak_bytes'] / mib, '.1f')} | {fmt(r.get('peak_vs_conv'), '.2f')} |"
         )
     return "\n".join(lines)
@@ -136,10 +137,18 @@ def odd_kernel(text):
 
 
 def add_arguments(parser):
-    parser.add_argument("--shapes", type=shape, nargs="+", default=DEFAULT_SHAPES, help="BxCxHxW (default: 8x128x28x28 8x64x56x56 8x256x14x14)")
+    parser.add_argument(
+        "--shapes",
+        type=shape,
+        nargs="+",
+        default=DEFAULT_SHAPES,
+        help="BxCxHxW (default: 8x128x28x28 8x64x56x56 8x256x14x14)",
+    )
     parser.add_argument("--kernel-sizes", type=odd_kernel, nargs="+", default=[3, 7, 11])
     parser.add_argument("--layers", nargs="+", choices=LAYERS, default=list(LAYERS))
 
 
 def run_from_args(args, progress=None):
-    return run(args.shapes, args.kernel_sizes, args.repeats, args.warmup, args.layers, args.device, args.dtype, progress)
+    return run(
+        args.shapes, args.kernel_sizes, args.repeats, args.warmup, args.layers, args.device, args.dtype, progress
+    )

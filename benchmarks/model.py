@@ -6,6 +6,7 @@ baseline) measured in the same run. A model that runs out of memory is reported 
 how the reference kernel's limit shows (e.g. ``--model resnet50 --impls fast reference --batch-size 64``
 on a GPU).
 """
+
 from __future__ import annotations
 
 from benchmarks.common import in_fresh_process, measure_steps, median, positive_int
@@ -23,7 +24,9 @@ def _measure(model_name, form, impl, resolution, batch_size, repeats, warmup, de
 
     torch.manual_seed(0)
     layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-    model = create_model(model_name, form=form, impl=impl, num_classes=10, small_input=resolution <= 64).to(device, memory_format=layout)
+    model = create_model(model_name, form=form, impl=impl, num_classes=10, small_input=resolution <= 64).to(
+        device, memory_format=layout
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch_size, 3, resolution, resolution, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch_size,), device=device)
@@ -40,8 +43,20 @@ def _measure(model_name, form, impl, resolution, batch_size, repeats, warmup, de
     return {**measure_steps(step, device, repeats, warmup), "threads": torch.get_num_threads()}
 
 
-def run(model_name, forms, impls, resolution, batch_size, repeats, warmup, device="cpu", dtype="float32", compile=False,
-        progress=None, memory_formats=("contiguous",)):
+def run(
+    model_name,
+    forms,
+    impls,
+    resolution,
+    batch_size,
+    repeats,
+    warmup,
+    device="cpu",
+    dtype="float32",
+    compile=False,
+    progress=None,
+    memory_formats=("contiguous",),
+):
     rows = []
     for memory_format in memory_formats:
         for impl in impls:
@@ -49,10 +64,37 @@ def run(model_name, forms, impls, resolution, batch_size, repeats, warmup, devic
                 if form == "conv" and impl != impls[0]:
                     continue  # no attention in it: the kernel choice changes nothing
                 if progress:
-                    print(f"  {model_name} {form:<20} impl={impl} {memory_format} {resolution}px batch {batch_size} ...", file=progress, flush=True)
-                r = in_fresh_process(_measure, model_name, form, impl, resolution, batch_size, repeats, warmup, device, dtype, compile, memory_format)
-                row = {"model": model_name, "form": form, "impl": impl, "memory_format": memory_format, "resolution": resolution,
-                       "batch_size": batch_size, "device": device, "dtype": dtype, "compile": compile, **r}
+                    print(
+                        f"  {model_name} {form:<20} impl={impl} {memory_format} {resolution}px batch {batch_size} ...",
+                        file=progress,
+                        flush=True,
+                    )
+                r = in_fresh_process(
+                    _measure,
+                    model_name,
+                    form,
+                    impl,
+                    resolution,
+                    batch_size,
+                    repeats,
+                    warmup,
+                    device,
+                    dtype,
+                    compile,
+                    memory_format,
+                )
+                row = {
+                    "model": model_name,
+                    "form": form,
+                    "impl": impl,
+                    "memory_format": memory_format,
+                    "resolution": resolution,
+                    "batch_size": batch_size,
+                    "device": device,
+                    "dtype": dtype,
+                    "compile": compile,
+                    **r,
+                }
                 if not r.get("oom"):
                     row["images_per_s"] = batch_size / median(r["times_s"])
                 rows.append(row)
@@ -65,13 +107,19 @@ def run(model_name, forms, impls, resolution, batch_size, repeats, warmup, devic
 
 
 def markdown(rows):
-    lines = ["| model | form | kernel | layout | px | batch | images/s (median) | x baseline | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | form | kernel | layout | px | batch | images/s (median) | x baseline | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ips = "out of memory" if r.get("oom") else f"{r['images_per_s']:.1f}"
         ratio = f"{r['throughput_vs_baseline']:.2f}" if "throughput_vs_baseline" in r else "-"
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else "-"
         kernel = "-" if r["form"] == "conv" else r["impl"]
-        lines.append(f"| {r['model']} | {r['form']} | {kernel} | {r['memory_format']} | {r['resolution']} | {r['batch_size']} | {ips} | {ratio} | {peak} |")
+        lines.append(
+            f"| {r['model']} | {r['form']} | {kernel} | {r['memory_format']} | {r['resolution']} | {r['batch_size']} "
+            f"| {ips} | {ratio} | {peak} |"
+        )
     return "\n".join(lines)
 
 
@@ -85,13 +133,30 @@ def add_arguments(parser):
     parser.add_argument("--resolution", type=positive_int, help="image size (default 32 on CPU, 224 on GPU)")
     parser.add_argument("--batch-size", type=positive_int, help="default 32 on CPU, 64 on GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
-    parser.add_argument("--memory-formats", nargs="+", choices=MEMORY_FORMATS, default=["contiguous"],
-                        help="weight and activation layouts (train.channels_last); the first is the baseline's")
+    parser.add_argument(
+        "--memory-formats",
+        nargs="+",
+        choices=MEMORY_FORMATS,
+        default=["contiguous"],
+        help="weight and activation layouts (train.channels_last); the first is the baseline's",
+    )
 
 
 def run_from_args(args, progress=None):
     gpu = args.device.startswith("cuda")
     resolution = args.resolution or (224 if gpu else 32)
     batch_size = args.batch_size or (64 if gpu else 32)
-    return run(args.model, args.forms, args.impls, resolution, batch_size, args.repeats, args.warmup, args.device, args.dtype, args.compile,
-               progress, args.memory_formats)
+    return run(
+        args.model,
+        args.forms,
+        args.impls,
+        resolution,
+        batch_size,
+        args.repeats,
+        args.warmup,
+        args.device,
+        args.dtype,
+        args.compile,
+        progress,
+        args.memory_formats,
+    )

@@ -3,6 +3,7 @@
 The input map is read as q = k = v of ``heads`` heads over all pixels; no projections and no
 relative logits, so any global mixer does at least this work (and its q . r terms besides).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,5 +16,7 @@ class SDPACore(torch.nn.Module):
         self.heads = heads
 
     def forward(self, x):
-        t = x.flatten(2).unflatten(1, (self.heads, -1)).transpose(-1, -2).contiguous()  # (B, heads, H*W, C / heads): the fused kernel wants unit-stride channels
+        t = (
+            x.flatten(2).unflatten(1, (self.heads, -1)).transpose(-1, -2).contiguous()
+        )  # (B, heads, H*W, C / heads): the fused kernel wants unit-stride channels
         return F.scaled_dot_product_attention(t, t, t).transpose(-1, -2).reshape(x.shape)

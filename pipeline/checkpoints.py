@@ -1,5 +1,6 @@
 """The train stage's checkpoints: ``best.ckpt`` and ``last.ckpt`` in a seed's folder (a local path or an
 fsspec URL), each replaced whole every epoch, so a run resumes from ``last.ckpt`` after any interruption."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Serving ``data/prepared`` to Lightning: datasets, augmentations, normalisation, workers."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from pipeline.config import DataConfig
 from pipeline import preflight
+from pipeline.config import DataConfig
 
 PREPARED = Path("data/prepared")
 
@@ -71,14 +72,20 @@ def transforms(meta, cfg: DataConfig, train: bool):
     res = cfg.resolution
     flip = [v2.RandomHorizontalFlip()] if cfg.hflip and train else []
     if meta["format"] == "files":
-        geometry = [v2.RandomResizedCrop(res, antialias=True)] if train else [v2.Resize(round(res * 256 / 224), antialias=True), v2.CenterCrop(res)]
+        geometry = (
+            [v2.RandomResizedCrop(res, antialias=True)]
+            if train
+            else [v2.Resize(round(res * 256 / 224), antialias=True), v2.CenterCrop(res)]
+        )
         head = [v2.ToImage()]
     else:
         geometry = [v2.Resize(res, antialias=True)] if tuple(meta.get("image_size", (res, res))) != (res, res) else []
         if train:
             geometry.append(v2.RandomCrop(res, padding=res // 8))
         head = []
-    return v2.Compose([*head, *geometry, *flip, v2.ToDtype(torch.float32, scale=True), v2.Normalize(meta["mean"], meta["std"])])
+    return v2.Compose(
+        [*head, *geometry, *flip, v2.ToDtype(torch.float32, scale=True), v2.Normalize(meta["mean"], meta["std"])]
+    )
 
 
 class PreparedDataModule(pl.LightningDataModule):
@@ -108,13 +115,21 @@ class PreparedDataModule(pl.LightningDataModule):
         replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = EpochSeededSampler(self.train_set, replicas, rank, shuffle=True, seed=self.seed, drop_last=True)
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
-            persistent_workers=self.cfg.num_workers > 0, pin_memory=torch.cuda.is_available(), drop_last=True,
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=True,
         )
 
     def val_dataloader(self):
         workers = self.cfg.num_workers
         return DataLoader(
-            self.val_set, batch_size=self.batch_size, num_workers=workers, persistent_workers=workers > 0,
+            self.val_set,
+            batch_size=self.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )

@@ -8,6 +8,7 @@ up the process group, which the Trainer then reuses. Global rank 0 decides; the 
 what it broadcasts, and an error on rank 0 reaches every rank, so no rank waits for a peer that
 has given up.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,12 +33,13 @@ class World:
         self.fabric = fabric
 
     @classmethod
-    def launch(cls, train: TrainConfig) -> "World":
+    def launch(cls, train: TrainConfig) -> World:
         """Start (or join) the run's processes and their process group, configured like the Trainer."""
         if "LOCAL_RANK" not in os.environ:  # not itself started by a launcher: it may become one
             os.environ[LAUNCHER_PID] = str(os.getpid())
-        fabric = Fabric(accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
-                        strategy=train.strategy)
+        fabric = Fabric(
+            accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes, strategy=train.strategy
+        )
         fabric.launch()
         return cls(fabric)
 

@@ -6,6 +6,7 @@ under ``ROOT/.dvc/tmp/exps/``, deleted when they end: relative stores (``sqlite:
 land in one place. A URI's credentials (``https://user:token@host``, ``postgresql://user:pw@host``)
 are never printed or written: messages and reports show ``redact(uri)``.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ def project_root() -> Path:
     """The user's project folder: the DVC root of this stage (``DVC_ROOT``, else the current folder),
     or, inside a temporary experiment copy, the project that copy was made from."""
     here = Path(os.environ.get("DVC_ROOT") or ".").resolve()
-    if here.parent.parts[-len(EXPERIMENT_COPIES):] == EXPERIMENT_COPIES:
+    if here.parent.parts[-len(EXPERIMENT_COPIES) :] == EXPERIMENT_COPIES:
         return here.parents[len(EXPERIMENT_COPIES)]
     return here
 

@@ -1,6 +1,7 @@
 """The project's one training loop: a LightningModule over ``sasa.create_model``, its data and
 counts (``build_run``) and the Trainer that runs it (``build_trainer``), shared by the ``train``
 stage and every ``sweep`` trial."""
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from torchmetrics.classification import MulticlassAccuracy
 
 import sasa
-from sasa.layers.moe import aux_loss as moe_aux_loss
 from pipeline.config import ArchConfig, DataConfig, TrainConfig
 from pipeline.data import PREPARED, PreparedDataModule
+from sasa.layers.moe import aux_loss as moe_aux_loss
 
 
 def warmup_cosine(step, warmup_steps, total_steps):
@@ -148,7 +149,9 @@ class Classifier(pl.LightningModule):
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         lr = self.peak_lr()
         if cfg.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+            optimizer = torch.optim.SGD(
+                groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+            )
         else:  # momentum is beta1
             optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999))
         total = int(self.trainer.estimated_stepping_batches)
@@ -195,11 +198,15 @@ class Run:
     counts: sasa.Counts
 
 
-def build_run(data: DataConfig, arch: ArchConfig, train: TrainConfig, seed: int, prepared: str | Path = PREPARED) -> Run:
+def build_run(
+    data: DataConfig, arch: ArchConfig, train: TrainConfig, seed: int, prepared: str | Path = PREPARED
+) -> Run:
     """The run of one seed, seeded the same way wherever it runs (a stage's process, each DDP rank, a
     Ray trial); checks ``prepared`` before anything is built."""
     pl.seed_everything(seed, workers=True)
     datamodule = PreparedDataModule(data, train.batch_size, prepared, seed=seed)
-    module = Classifier(arch.model_dump(), datamodule.num_classes, datamodule.in_chans, train.model_dump(), data.resolution)
+    module = Classifier(
+        arch.model_dump(), datamodule.num_classes, datamodule.in_chans, train.model_dump(), data.resolution
+    )
     counts = sasa.count(module.model, (datamodule.in_chans, data.resolution, data.resolution))
     return Run(datamodule, module, counts)

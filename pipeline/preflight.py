@@ -2,6 +2,7 @@
 model or tracking work: a failure is a ``ConfigError`` (exit 2) that names the key, or a
 ``StageError`` (exit 1) for a corrupt file, and leaves nothing behind (no MLflow run, no tracking
 database, no checkpoint folder)."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,9 @@ def tracking(cfg: Config):
         try:
             make_url(uri).get_dialect().import_dbapi()
         except (ImportError, NoSuchModuleError) as err:
-            raise ConfigError(f"{shown}: its database driver is not installed ({err}); pip install it into this environment") from None
+            raise ConfigError(
+                f"{shown}: its database driver is not installed ({err}); pip install it into this environment"
+            ) from None
 
 
 def devices(train: TrainConfig, key: str = "train"):
@@ -60,7 +63,11 @@ def devices(train: TrainConfig, key: str = "train"):
     wants_gpu = train.accelerator in ("gpu", "cuda")
     if wants_gpu and not available:
         raise ConfigError(f"{key}.accelerator={train.accelerator!r} but this machine has no CUDA GPU; use cpu or auto")
-    if (wants_gpu or (train.accelerator == "auto" and available)) and isinstance(train.devices, int) and train.devices > available:
+    if (
+        (wants_gpu or (train.accelerator == "auto" and available))
+        and isinstance(train.devices, int)
+        and train.devices > available
+    ):
         raise ConfigError(f"{key}.devices={train.devices} but this machine has {available} GPU(s)")
 
 
@@ -79,7 +86,9 @@ def prepared_data(folder: Path, batch_size: int, key: str = "train.batch_size") 
     if missing:
         raise ConfigError(f"{folder} lacks {', '.join(s + suffix for s in missing)}: run dvc repro -f prepare")
     if meta["format"] == "files" and not Path(meta["root"]).is_dir():
-        raise ConfigError(f"the prepared image folder {meta['root']} no longer exists: fix data.path and run dvc repro -f prepare")
+        raise ConfigError(
+            f"the prepared image folder {meta['root']} no longer exists: fix data.path and run dvc repro -f prepare"
+        )
     if batch_size > meta["counts"]["train"]:  # drop_last would leave no training batch at all
         raise ConfigError(f"{key}={batch_size} exceeds the {meta['counts']['train']} training images")
     return meta

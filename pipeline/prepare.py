@@ -14,6 +14,7 @@ shape and labels checked; empty class folders and classes missing from train/ co
 problems are reported (path: reason), then ``data.on_bad_file`` decides: ``fail`` stops with
 nothing written, ``skip`` leaves those files (or rows) out and lists them in ``bad_files.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -114,7 +115,9 @@ def _cifar10(cfg: Config):
     names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "val": ["test_batch"]}
     missing = [n for n in ["batches.meta", *names["train"], *names["val"]] if not (root / n).is_file()]
     if missing:
-        raise ConfigError(f"data.path={cfg.data.path!r} is not a cifar-10-batches-py folder: missing {', '.join(missing)}")
+        raise ConfigError(
+            f"data.path={cfg.data.path!r} is not a cifar-10-batches-py folder: missing {', '.join(missing)}"
+        )
     try:
         classes = [c.decode() for c in _unpickle(root / "batches.meta")[b"label_names"]]
     except Exception as err:  # without the class list no batch can be checked
@@ -148,7 +151,7 @@ def _image_problem(path: Path):
 def _image_problems(paths: list[Path], desc: str):
     """``_image_problem`` of each path, on a pool of threads (PIL releases the GIL while decoding;
     ImageNet has 1.28 M files), in chunks so that there are few futures."""
-    chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
+    chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]
     problems, pool = [], ThreadPoolExecutor()
     try:
         with tqdm(total=len(paths), desc=desc, unit="img", disable=None) as bar:
@@ -164,7 +167,9 @@ def _imagefolder(cfg: Config):
     root = _require_path(cfg)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise ConfigError(f"data.path={cfg.data.path!r} needs train/ and val/ class folders (ImageNet layout); missing {split}/")
+            raise ConfigError(
+                f"data.path={cfg.data.path!r} needs train/ and val/ class folders (ImageNet layout); missing {split}/"
+            )
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     if not classes:
         raise ConfigError(f"data.path={cfg.data.path!r}: train/ has no class folders")
@@ -236,7 +241,9 @@ def prepare(cfg: Config, out: Path = PREPARED):
     _apply_policy(bad, cfg.data.on_bad_file)
     for split, n in counts.items():
         if not n:
-            raise ConfigError(f"data.path={cfg.data.path!r}: no {split} images left after skipping {len(bad)} bad file(s)")
+            raise ConfigError(
+                f"data.path={cfg.data.path!r}: no {split} images left after skipping {len(bad)} bad file(s)"
+            )
 
     with atomic_dir(out) as tmp:
         if cfg.data.source == "imagefolder":
@@ -255,12 +262,17 @@ def prepare(cfg: Config, out: Path = PREPARED):
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if bad:
         print(f"skipped {len(bad)} bad file(s) (listed in {out / 'bad_files.json'})", file=sys.stderr)
-    print(f"prepared {cfg.data.source}: {counts['train']} train / {counts['val']} val images, {len(classes)} classes -> {out}")
+    print(
+        f"prepared {cfg.data.source}: {counts['train']} train / {counts['val']} val images, "
+        f"{len(classes)} classes -> {out}"
+    )
     return meta
 
 
 def main(argv=None):
-    run_stage(__doc__.splitlines()[0], lambda cfg, args: prepare(cfg), argv=argv, builds=())  # trains nothing: builds no model
+    run_stage(
+        __doc__.splitlines()[0], lambda cfg, args: prepare(cfg), argv=argv, builds=()
+    )  # trains nothing: builds no model
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ imagenet.yaml``): its sections are merged into that one's, key by key, except th
 own). The result is validated like any ``params.yaml`` before it is written, so DVC tracks every
 value as a stage parameter and ``dvc exp run`` / ``dvc repro`` run it as usual.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,10 @@ def main(argv=None):
     except ConfigError as err:
         print(f"error: {err}; {args.out} is unchanged", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.out}: {args.preset}: {len(cfg.models.variants)} variants x {len(cfg.train.seeds)} seeds, "
-          f"sweep {cfg.sweep.name!r} over {', '.join(cfg.sweep.space)}. Run it with `dvc exp run` (or `dvc repro`).")
+    print(
+        f"{args.out}: {args.preset}: {len(cfg.models.variants)} variants x {len(cfg.train.seeds)} seeds, "
+        f"sweep {cfg.sweep.name!r} over {', '.join(cfg.sweep.space)}. Run it with `dvc exp run` (or `dvc repro`)."
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ but unreported one (a seed done before the stage was interrupted): DVC re-runs a
 a code or data change, and that must start afresh rather than re-report old state. Records may live
 on a shared filesystem or behind an fsspec URL (``s3://...``), like the checkpoints beside them.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """What every stage entry point shares: ``--params``, config validation before any work, exit 2 on
 bad configuration with one clear message, SIGTERM handled like Ctrl-C (exit 130 after a clean
 stop), and writes that are never seen half done."""
+
 from __future__ import annotations
 
 import argparse

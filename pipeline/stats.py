@@ -8,6 +8,7 @@ spread); otherwise by Welch's t-test. A difference is *resolved* when the test's
 (equivalently, the 95% interval of the difference excludes 0); each comparison is one test, with no
 correction for the several a table makes, and the report says so.
 """
+
 from __future__ import annotations
 
 import math

@@ -13,6 +13,7 @@ restores the experiment and runs only the unfinished trials; Ctrl-C or SIGTERM s
 and marks its MLflow runs KILLED (found in MLflow, so also those a restored sweep reopened).
 ``sweep/results.csv`` (one row per trial) is written last.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,11 +71,19 @@ def state_record() -> RunRecord:
 
 
 def _start_parent_run(cfg: Config, client: MlflowClient, exp_id: str) -> dict:
-    tags = {"sasa.kind": "sweep", "sasa.sweep": cfg.sweep.name, "sasa.fingerprint": cfg.sweep_fingerprint(), "dvc.stage": "sweep"}
+    tags = {
+        "sasa.kind": "sweep",
+        "sasa.sweep": cfg.sweep.name,
+        "sasa.fingerprint": cfg.sweep_fingerprint(),
+        "dvc.stage": "sweep",
+    }
     tags.update(context_tags())
     run = client.create_run(exp_id, run_name=f"sweep {cfg.sweep.name}", tags=tags)
     log_params(client, run.info.run_id, flatten(cfg.sweep.model_dump(), "sweep"))
-    return {"run_id": run.info.run_id, "experiment": f"{cfg.sweep.name}-{run.info.run_id[:8]}"}  # a new sweep never restores an old one
+    return {
+        "run_id": run.info.run_id,
+        "experiment": f"{cfg.sweep.name}-{run.info.run_id[:8]}",
+    }  # a new sweep never restores an old one
 
 
 def _connect(cfg: Config) -> str | None:
@@ -104,10 +113,14 @@ def _check_resources(cfg: Config):
     for key, per_worker in (("cpu", res.cpu), ("gpu", res.gpu)):
         largest = max((n.get(key.upper(), 0) for n in nodes), default=0)
         if per_worker > largest:
-            raise ConfigError(f"sweep.resources.{key}={per_worker} per worker, but the largest node has {largest:g} {key.upper()}(s)")
+            raise ConfigError(
+                f"sweep.resources.{key}={per_worker} per worker, but the largest node has {largest:g} {key.upper()}(s)"
+            )
         total = sum(n.get(key.upper(), 0) for n in nodes)
         if per_worker * res.workers > total:
-            raise ConfigError(f"sweep.resources: {res.workers} workers x {per_worker} {key.upper()} exceed the cluster's {total:g}")
+            raise ConfigError(
+                f"sweep.resources: {res.workers} workers x {per_worker} {key.upper()} exceed the cluster's {total:g}"
+            )
 
 
 @ray.remote(num_cpus=0)
@@ -145,21 +158,30 @@ def _check_shared_paths(cfg: Config, meta: dict):
         files["data.path"] = (meta["root"], None)
     try:
         checks = {
-            f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": _unreadable.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(files)
+            f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": _unreadable.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(files)
             for n in nodes
         }
         answers = dict(zip(checks, ray.get(list(checks.values()), timeout=NODE_CHECK_TIMEOUT_S)))
     except ray.exceptions.GetTimeoutError:
-        raise ConfigError(f"sweep: not every Ray node answered within {NODE_CHECK_TIMEOUT_S} s; check `ray status`") from None
+        raise ConfigError(
+            f"sweep: not every Ray node answered within {NODE_CHECK_TIMEOUT_S} s; check `ray status`"
+        ) from None
     finally:
         if token_file:
             token_file.unlink(missing_ok=True)
     blind = {key: [node for node, bad in answers.items() if key in bad] for key in files}
-    problems = [f"{key}: {files[key][0] if key == 'data.path' else storage} cannot be read on node(s) {', '.join(nodes_)}"
-                for key, nodes_ in blind.items() if nodes_]
+    problems = [
+        f"{key}: {files[key][0] if key == 'data.path' else storage} cannot be read on node(s) {', '.join(nodes_)}"
+        for key, nodes_ in blind.items()
+        if nodes_
+    ]
     if problems:
-        raise ConfigError("; ".join(problems) + ". Every node must mount these at the same absolute path (shared storage such as NFS)"
-                          "; sweep.storage_path may also be a URI (s3://, gs://)")
+        raise ConfigError(
+            "; ".join(problems) + ". Every node must mount these at the same absolute path (shared storage such as NFS)"
+            "; sweep.storage_path may also be a URI (s3://, gs://)"
+        )
 
 
 def _tuner(cfg: Config, state: dict, callback: MlflowTrials) -> tune.Tuner:
@@ -168,29 +190,45 @@ def _tuner(cfg: Config, state: dict, callback: MlflowTrials) -> tune.Tuner:
     trial = trainable(cfg, path)
     if tune.Tuner.can_restore(path):
         print(f"sweep: resuming {path}")
-        return tune.Tuner.restore(path, trial, resume_unfinished=True, resume_errored=True, param_space=search_space(cfg))
+        return tune.Tuner.restore(
+            path, trial, resume_unfinished=True, resume_errored=True, param_space=search_space(cfg)
+        )
     s = cfg.sweep
     epochs = cfg.trial_train().epochs
     if s.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=s.scheduler.grace_period,
-                                  reduction_factor=s.scheduler.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=epochs,
+            grace_period=s.scheduler.grace_period,
+            reduction_factor=s.scheduler.reduction_factor,
+        )
     else:
         scheduler = FIFOScheduler()
     return tune.Tuner(
         trial,
         param_space=search_space(cfg),
-        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, num_samples=s.num_samples,
-                                    max_concurrent_trials=s.max_concurrent_trials),
+        tune_config=tune.TuneConfig(
+            metric=s.metric,
+            mode=s.mode,
+            scheduler=scheduler,
+            num_samples=s.num_samples,
+            max_concurrent_trials=s.max_concurrent_trials,
+        ),
         run_config=tune.RunConfig(
-            name=state["experiment"], storage_path=storage, callbacks=[callback],
+            name=state["experiment"],
+            storage_path=storage,
+            callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
         ),
     )
 
 
 def sweep(cfg: Config):
-    batch_sizes = cfg.sweep.discrete_values("batch_size") if "batch_size" in cfg.sweep.space else [cfg.trial_train().batch_size]
+    batch_sizes = (
+        cfg.sweep.discrete_values("batch_size") if "batch_size" in cfg.sweep.space else [cfg.trial_train().batch_size]
+    )
     meta = preflight.prepared_data(PREPARED, max(batch_sizes), key="sweep: a trial's batch_size")
     preflight.tracking(cfg)
     record = state_record()
@@ -203,7 +241,9 @@ def sweep(cfg: Config):
             _check_shared_paths(cfg, meta)
         client = MlflowClient(tracking_uri(cfg))
         exp_id = experiment_id(client, cfg)
-        state, _ = record.resume_or_start(cfg.sweep_fingerprint(), client, exp_id, lambda: _start_parent_run(cfg, client, exp_id))
+        state, _ = record.resume_or_start(
+            cfg.sweep_fingerprint(), client, exp_id, lambda: _start_parent_run(cfg, client, exp_id)
+        )
         parent = state["run_id"]
         callback = MlflowTrials(cfg, exp_id, parent)
         results = _tuner(cfg, state, callback).fit()
@@ -217,18 +257,25 @@ def sweep(cfg: Config):
     failed = [r for r in results if r.error]
     if failed:
         names = ", ".join(f"{r.metrics.get('trial_id', '?')} ({type(r.error).__name__})" for r in failed)
-        raise StageError(f"{len(failed)} trial(s) failed after {cfg.sweep.max_failures} retries: {names}; "
-                         f"logs under {_storage_path(cfg)}/{state['experiment']}. Re-run the stage to retry them.")
+        raise StageError(
+            f"{len(failed)} trial(s) failed after {cfg.sweep.max_failures} retries: {names}; "
+            f"logs under {_storage_path(cfg)}/{state['experiment']}. Re-run the stage to retry them."
+        )
     rows = result_rows(cfg, results, callback)
     best = record_results(cfg, client, parent, rows, time.perf_counter() - started)
     client.set_terminated(parent, "FINISHED")
     record.finish()
-    print(f"sweep: {len(rows)} trials; best by {cfg.sweep.metric} ({cfg.sweep.mode}): { {k: best[k] for k in cfg.sweep.space} }, "
-          f"top-1 {best['top1']:.2f}% at its last epoch; wrote {RESULTS}")
+    print(
+        f"sweep: {len(rows)} trials; best by {cfg.sweep.metric} ({cfg.sweep.mode}): "
+        f"{ {k: best[k] for k in cfg.sweep.space} }, "
+        f"top-1 {best['top1']:.2f}% at its last epoch; wrote {RESULTS}"
+    )
 
 
 def main(argv=None):
-    run_stage(__doc__.splitlines()[0], lambda cfg, args: sweep(cfg), argv=argv, builds=("sweep",))  # every architecture of the grid, before Ray starts
+    run_stage(
+        __doc__.splitlines()[0], lambda cfg, args: sweep(cfg), argv=argv, builds=("sweep",)
+    )  # every architecture of the grid, before Ray starts
 
 
 if __name__ == "__main__":

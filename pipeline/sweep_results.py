@@ -3,6 +3,7 @@ sweep's parent run, the best trial by ``sweep.metric`` and ``sweep.mode``, and `
 
 Trials never touch the tracking store, so a SQLite file on the head node serves a whole cluster.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,9 @@ METRIC_COLUMNS = {"val_top1": "top1", "val_loss": "val_loss"}
 
 def trial_values(cfg: Config, config: dict) -> str:
     """A trial's swept values, as its run name and the report show them: ``kernel_size=5``."""
-    return " ".join(f"{k}={config[k]:.3g}" if isinstance(config[k], float) else f"{k}={config[k]}" for k in cfg.sweep.space)
+    return " ".join(
+        f"{k}={config[k]:.3g}" if isinstance(config[k], float) else f"{k}={config[k]}" for k in cfg.sweep.space
+    )
 
 
 def _trial_model(cfg: Config, config: dict):
@@ -71,10 +74,17 @@ class MlflowTrials(tune.Callback):
     def _create(self, trial):
         arch, train, model = _trial_model(self.cfg, trial.config)
         values, seed = trial_values(self.cfg, trial.config), trial.config["seed"]
-        tags = {"mlflow.parentRunId": self.parent_id, "sasa.kind": "sweep_trial", "sasa.sweep": self.cfg.sweep.name,
-                "sasa.trial_id": trial.trial_id, "sasa.trial_values": values}
+        tags = {
+            "mlflow.parentRunId": self.parent_id,
+            "sasa.kind": "sweep_trial",
+            "sasa.sweep": self.cfg.sweep.name,
+            "sasa.trial_id": trial.trial_id,
+            "sasa.trial_values": values,
+        }
         name = f"{self.cfg.sweep.name} {values} seed {seed}"  # e.g. "k5 kernel_size=5 seed 0"
-        return start_training_run(self.client, self.experiment_id, self.cfg, name, tags, arch, train, seed, model, PREPARED)
+        return start_training_run(
+            self.client, self.experiment_id, self.cfg, name, tags, arch, train, seed, model, PREPARED
+        )
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.client.update_run(self.run_id(trial), status="RUNNING")  # a restored trial's run may be KILLED
@@ -95,8 +105,14 @@ class MlflowTrials(tune.Callback):
         trial trained less, so it gets none and stays out of the report's tables."""
         run_id, last = self.run_id(trial), trial.last_result or {}
         if last.get("epoch") == split_trial_config(self.cfg, trial.config)[1].epochs:
-            self.client.log_batch(run_id, metrics=[Metric(k, float(last[f"val_{k}"]), int(time.time() * 1000), last["epoch"])
-                                                   for k in ("top1", "top5") if f"val_{k}" in last])
+            self.client.log_batch(
+                run_id,
+                metrics=[
+                    Metric(k, float(last[f"val_{k}"]), int(time.time() * 1000), last["epoch"])
+                    for k in ("top1", "top5")
+                    if f"val_{k}" in last
+                ],
+            )
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -129,14 +145,24 @@ def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
         resolved = model.config  # the model's defaults filled in
         row = {"trial_id": last["trial_id"]}
         row.update({k: json.dumps(v) if isinstance(v, list) else v for k, v in result.config.items()})
-        row.update({
-            "kernel_size": resolved.get("kernel_size"), "stem": resolved.get("stem"), "seed": result.config["seed"],  # None: not a ResNet
-            "params": int(last["params"]), "mflops": last["flops"] / 1e6,
-            # top-1 is the last epoch's everywhere (what the paper reports); the best epoch's is labelled
-            "top1": 100 * last["val_top1"], "val_loss": last["val_loss"], "best_epoch_top1": 100 * history["val_top1"].max(),
-            "epochs": int(last["epoch"]), "stopped_early": int(last["epoch"]) < train.epochs,
-            "node_ip": last["node_ip"], "node_id": last["node_id"], "mlflow_run_id": callback.run_id_of(last["trial_id"]),
-        })
+        row.update(
+            {
+                "kernel_size": resolved.get("kernel_size"),
+                "stem": resolved.get("stem"),
+                "seed": result.config["seed"],  # None: not a ResNet
+                "params": int(last["params"]),
+                "mflops": last["flops"] / 1e6,
+                # top-1 is the last epoch's everywhere (what the paper reports); the best epoch's is labelled
+                "top1": 100 * last["val_top1"],
+                "val_loss": last["val_loss"],
+                "best_epoch_top1": 100 * history["val_top1"].max(),
+                "epochs": int(last["epoch"]),
+                "stopped_early": int(last["epoch"]) < train.epochs,
+                "node_ip": last["node_ip"],
+                "node_id": last["node_id"],
+                "mlflow_run_id": callback.run_id_of(last["trial_id"]),
+            }
+        )
         rows.append(row)
     return sorted(rows, key=lambda r: (r["kernel_size"] or 0, r["stem"] or "", r["seed"]))
 

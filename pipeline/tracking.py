@@ -7,6 +7,7 @@ step axis (epochs completed), the same summary metrics (``top1``, ``top5``, ``nu
 ``macs``, ``flops``), readable names, filterable tags (``sasa.form``, ``sasa.mixer``, ``sasa.stem``,
 ``sasa.k``, ``dvc.exp``) and the dataset as a run input.
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,7 +50,9 @@ def experiment_id(client: MlflowClient, cfg: Config) -> str:
     name = cfg.mlflow.experiment
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri(cfg), name), tags=EXPERIMENT_TAGS)
+        return client.create_experiment(
+            name, artifact_location=_artifact_location(tracking_uri(cfg), name), tags=EXPERIMENT_TAGS
+        )
     for key, value in EXPERIMENT_TAGS.items():
         if key not in experiment.tags:  # an experiment made by an older version of the pipeline
             client.set_experiment_tag(experiment.experiment_id, key, value)
@@ -116,7 +119,7 @@ def run_params(cfg: Config, arch, train, seed: int, model) -> dict[str, str]:
 def log_params(client: MlflowClient, run_id: str, params: dict[str, str]):
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), MAX_PARAMS_PER_CALL):
-        client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_CALL])
+        client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_CALL])
 
 
 def run_identity(model, model_name: str, recipe: str, seed: int) -> dict[str, str]:
@@ -126,9 +129,15 @@ def run_identity(model, model_name: str, recipe: str, seed: int) -> dict[str, st
     attention layers use it)."""
     arch = resolved_architecture(model, model_name)
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
-    tags = {"sasa.arch": digest, "sasa.recipe": recipe, "sasa.seed": str(seed), "sasa.model": model_name,
-            "sasa.form": getattr(model, "config", {}).get("form", ""), "sasa.mixer": arch.get("mixer", ""),
-            "sasa.stem": arch.get("stem", "")}
+    tags = {
+        "sasa.arch": digest,
+        "sasa.recipe": recipe,
+        "sasa.seed": str(seed),
+        "sasa.model": model_name,
+        "sasa.form": getattr(model, "config", {}).get("form", ""),
+        "sasa.mixer": arch.get("mixer", ""),
+        "sasa.stem": arch.get("stem", ""),
+    }
     if arch.get("attention_groups") and "kernel_size" in arch:
         tags["sasa.k"] = str(arch["kernel_size"])
     return tags
@@ -150,14 +159,29 @@ def log_dataset(client: MlflowClient, run_id: str, source: str, prepared: str | 
         digest = hashlib.sha256()
         for path in sorted(prepared.glob(f"{split}.*")):
             digest.update(path.read_bytes())
-        dataset = Dataset(f"{source}-{split}", digest.hexdigest()[:12], source_type="local", source=origin,
-                          profile=json.dumps({"num_images": meta["counts"][split], "num_classes": meta["num_classes"]}))
+        dataset = Dataset(
+            f"{source}-{split}",
+            digest.hexdigest()[:12],
+            source_type="local",
+            source=origin,
+            profile=json.dumps({"num_images": meta["counts"][split], "num_classes": meta["num_classes"]}),
+        )
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)]))
     client.log_inputs(run_id, datasets=inputs)
 
 
-def start_training_run(client: MlflowClient, experiment_id: str, cfg: Config, name: str, tags: dict, arch, train, seed: int,
-                       model, prepared: str | Path) -> str:
+def start_training_run(
+    client: MlflowClient,
+    experiment_id: str,
+    cfg: Config,
+    name: str,
+    tags: dict,
+    arch,
+    train,
+    seed: int,
+    model,
+    prepared: str | Path,
+) -> str:
     """A new training run, a variant's seed or a sweep trial, carrying what every one carries: ``tags``
     with its identity and context tags, its params and its dataset. Returns its id."""
     tags = {**tags, **run_identity(model, arch.model_name, cfg.recipe(train), seed), **context_tags()}
@@ -196,7 +220,11 @@ def log_model(uri: str, run_id: str, model, example):
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):  # ends FINISHED, as the run already is
         mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(example, output.numpy()), input_example=example,
-            code_paths=[str(Path(sasa.__file__).parent)], pip_requirements=_requirements(model),
+            model,
+            name="model",
+            signature=infer_signature(example, output.numpy()),
+            input_example=example,
+            code_paths=[str(Path(sasa.__file__).parent)],
+            pip_requirements=_requirements(model),
             serialization_format="pickle",  # any batch size; MLflow's default, torch.export, fixes it to the example's
         )

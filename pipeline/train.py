@@ -1,4 +1,4 @@
-"""Stage ``train``: train one model variant once per seed with Lightning, track each run in MLflow, resume if interrupted.
+"""Stage ``train``: train one variant once per seed with Lightning, track each run in MLflow, resume if interrupted.
 
 ``python -m pipeline.train --variant NAME``, the same command under Lightning's own launcher
 (``train.devices: N``), ``torchrun`` or SLURM's ``srun``. The seeds (``train.seeds``) train one after
@@ -14,6 +14,7 @@ the MLflow run KILLED (exit 130); a NaN/inf loss stops training (run FAILED) bef
 weights or the checkpoints. Only rank 0 talks to MLflow. The stage writes ``metrics/NAME.json``
 (what DVC tracks: each seed's top-1 and their mean with its 95% interval) last.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,9 +95,24 @@ def _start_or_resume_run(cfg: Config, variant: str, seed: int, ckpt_dir: str, ru
     def start():
         if fs.exists(path):  # also what a SLURM requeue or an older attempt left there
             fs.rm(path, recursive=True)
-        tags = {"sasa.kind": "train", "sasa.variant": variant, "dvc.stage": f"train@{variant}", "sasa.fingerprint": fingerprint}
-        run_id = start_training_run(client, exp_id, cfg, f"{variant} seed {seed}", tags, cfg.models.resolved(variant), cfg.train,
-                                    seed, run.module.model, run.data.prepared)
+        tags = {
+            "sasa.kind": "train",
+            "sasa.variant": variant,
+            "dvc.stage": f"train@{variant}",
+            "sasa.fingerprint": fingerprint,
+        }
+        run_id = start_training_run(
+            client,
+            exp_id,
+            cfg,
+            f"{variant} seed {seed}",
+            tags,
+            cfg.models.resolved(variant),
+            cfg.train,
+            seed,
+            run.module.model,
+            run.data.prepared,
+        )
         for name, value in count_metrics(run.counts).items():
             client.log_metric(run_id, name, value)
         fs.makedirs(path, exist_ok=True)
@@ -136,7 +152,10 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
     world.check_shared(ckpt_dir, key="train.checkpoint_dir")
     decision = world.on_zero(lambda: _start_or_resume_run(cfg, variant, seed, ckpt_dir, run))
     if "done" in decision:
-        print(f"train@{variant} seed {seed}: finished before the stage was interrupted (MLflow run {decision['done']['run_id']})")
+        print(
+            f"train@{variant} seed {seed}: finished before the stage was interrupted "
+            f"(MLflow run {decision['done']['run_id']})"
+        )
         return decision["done"]
     run_id = decision["run_id"]
     last = f"{ckpt_dir}/last.ckpt"
@@ -145,12 +164,20 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
 
     throughput = Throughput()
     callbacks = [*checkpoint_callbacks(ckpt_dir), throughput, StopAtBatchEnd()]
-    logger = EpochStepLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id) if world.is_zero else False
-    trainer = build_trainer(cfg.train, logger=logger, callbacks=callbacks, default_root_dir=ckpt_dir, plugins=_plugins())
+    logger = (
+        EpochStepLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id)
+        if world.is_zero
+        else False
+    )
+    trainer = build_trainer(
+        cfg.train, logger=logger, callbacks=callbacks, default_root_dir=ckpt_dir, plugins=_plugins()
+    )
     try:
         trainer.fit(run.module, datamodule=run.data, ckpt_path=last if decision["resume"] else None, weights_only=True)
     except NonFiniteLoss as err:  # Lightning has marked the run FAILED
-        raise StageError(f"{err}. Training stopped before that step; {describe(last)}. Lower train.lr or check the data.") from None
+        raise StageError(
+            f"{err}. Training stopped before that step; {describe(last)}. Lower train.lr or check the data."
+        ) from None
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C (and so SIGTERM) into SystemExit
         if world.is_zero:
             MlflowClient(tracking_uri(cfg)).set_terminated(run_id, "KILLED")
@@ -182,7 +209,10 @@ def _finish(cfg, variant, seed, run_id, trainer, throughput, run: Run, ckpt_dir)
     counts = run.counts
     result = {"seed": seed, "run_id": run_id, **results, **counts.as_dict(), "epochs": trainer.current_epoch}
     RunRecord(f"{ckpt_dir}/run.json").finish(result)
-    print(f"{variant} seed {seed}: top-1 {results['top1']:.4f}, {counts.flops / 1e6:.1f} MFLOPs, {counts.params / 1e6:.3f} M params")
+    print(
+        f"{variant} seed {seed}: top-1 {results['top1']:.4f}, {counts.flops / 1e6:.1f} MFLOPs, "
+        f"{counts.params / 1e6:.3f} M params"
+    )
     return result
 
 
@@ -191,7 +221,10 @@ def _summarise(cfg: Config, variant: str, runs: list[dict]) -> dict:
     top1 = estimate([r["top1"] for r in runs])
     first = runs[0]
     summary = {
-        "variant": variant, "top1": top1.mean, "top1_ci95": top1.half_width, "n": top1.n,
+        "variant": variant,
+        "top1": top1.mean,
+        "top1_ci95": top1.half_width,
+        "n": top1.n,
         "top5": statistics.mean(r["top5"] for r in runs),
         "throughput_images_per_s": statistics.median(r["throughput_images_per_s"] for r in runs),
         **{k: first[k] for k in ("params", "macs", "flops", "epochs")},
@@ -200,7 +233,10 @@ def _summarise(cfg: Config, variant: str, runs: list[dict]) -> dict:
     atomic_write_text(METRICS / f"{variant}.json", json.dumps(summary, indent=2))
     for r in runs:  # a later attempt of the stage retrains them
         RunRecord(f"{checkpoint_dir(cfg, variant, r['seed'])}/run.json").mark_reported()
-    print(f"{variant}: top-1 % {estimate([100 * r['top1'] for r in runs])} over seeds {', '.join(str(r['seed']) for r in runs)}")
+    print(
+        f"{variant}: top-1 % {estimate([100 * r['top1'] for r in runs])} "
+        f"over seeds {', '.join(str(r['seed']) for r in runs)}"
+    )
     return summary
 
 

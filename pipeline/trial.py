@@ -7,6 +7,7 @@ checkpoint, so the scheduler may stop it there and a retried trial resumes from 
 ``data/prepared`` travels as bytes through Ray's object store: a trial depends on no path of the
 head node.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,9 @@ class ReportEachEpoch(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         logged = trainer.callback_metrics
         metrics = {k: float(v) for k, v in logged.items() if is_trial_metric(k)}
-        metrics.update(self.counts.as_dict(), epoch=trainer.current_epoch + 1, node_id=ray.get_runtime_context().get_node_id())
+        metrics.update(
+            self.counts.as_dict(), epoch=trainer.current_epoch + 1, node_id=ray.get_runtime_context().get_node_id()
+        )
         with tempfile.TemporaryDirectory() as folder:
             trainer.save_checkpoint(os.path.join(folder, CHECKPOINT))  # written by global rank 0 only
             checkpoint = self.session.Checkpoint.from_directory(folder) if trainer.is_global_zero else None
@@ -89,15 +92,21 @@ def fit_trial(config: dict, cfg: Config, prepared: dict[str, bytes], session, **
     with _unpacked(prepared) as folder:
         run = build_run(cfg.data, arch, train, config["seed"], folder)
         trainer = build_trainer(
-            train, accelerator="gpu" if cfg.sweep.resources.gpu else "cpu", logger=False, enable_checkpointing=False,
-            callbacks=[ReportEachEpoch(run.counts, session)], **placement,
+            train,
+            accelerator="gpu" if cfg.sweep.resources.gpu else "cpu",
+            logger=False,
+            enable_checkpointing=False,
+            callbacks=[ReportEachEpoch(run.counts, session)],
+            **placement,
         )
         checkpoint = session.get_checkpoint()
         if checkpoint is None:
             trainer.fit(run.module, datamodule=run.data)
             return
         with checkpoint.as_directory() as ckpt_folder:
-            trainer.fit(run.module, datamodule=run.data, ckpt_path=os.path.join(ckpt_folder, CHECKPOINT), weights_only=True)
+            trainer.fit(
+                run.module, datamodule=run.data, ckpt_path=os.path.join(ckpt_folder, CHECKPOINT), weights_only=True
+            )
 
 
 def run_trial(config: dict, cfg: Config, prepared: dict[str, bytes]):
@@ -109,8 +118,14 @@ def _ddp_worker(loop_config: dict):
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 
     fit_trial(
-        loop_config["trial"], loop_config["cfg"], ray.get(loop_config["prepared"]), ray.train,
-        devices="auto", num_nodes=1, strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()],
+        loop_config["trial"],
+        loop_config["cfg"],
+        ray.get(loop_config["prepared"]),
+        ray.train,
+        devices="auto",
+        num_nodes=1,
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
     )
 
 
@@ -128,7 +143,9 @@ def run_ddp_trial(config: dict, cfg: Config, prepared: dict[str, bytes], storage
             num_workers=res.workers, use_gpu=res.gpu > 0, resources_per_worker={"CPU": res.cpu, "GPU": res.gpu}
         ),
         run_config=ray.train.RunConfig(
-            name=tune.get_context().get_trial_id(), storage_path=storage, callbacks=[TuneReportCallback()],
+            name=tune.get_context().get_trial_id(),
+            storage_path=storage,
+            callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
     )

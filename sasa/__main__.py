@@ -1,6 +1,7 @@
 """Command line: ``python -m sasa info ...`` (one model's counts), ``python -m sasa table``
 (the paper's Table 1 beside ours) and ``python -m sasa build-ext`` (compile the C++ CPU kernel now
 rather than on first use)."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ def _groups(text):
     try:
         return tuple(int(g) for g in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated group numbers such as 2,3,4, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated group numbers such as 2,3,4, got {text!r}"
+        ) from None
 
 
 def _option(text):
@@ -34,8 +37,19 @@ def _option(text):
     return key, yaml.safe_load(value)
 
 
-RESNET_OPTIONS = ("form", "stem", "attention_groups", "kernel_size", "heads", "pos_enc", "width", "small_input", "mixer", "mixer_arg",
-                  "block_attention")
+RESNET_OPTIONS = (
+    "form",
+    "stem",
+    "attention_groups",
+    "kernel_size",
+    "heads",
+    "pos_enc",
+    "width",
+    "small_input",
+    "mixer",
+    "mixer_arg",
+    "block_attention",
+)
 
 
 def _info(args):
@@ -49,18 +63,25 @@ def _info(args):
             kwargs["mixer_args"] = dict(args.mixer_arg)
     else:
         if given:
-            raise ValueError(f"{', '.join('--' + o.replace('_', '-') for o in given)}: ResNet options; give {args.model}'s as --model-arg KEY=VALUE")
+            raise ValueError(
+                f"{', '.join('--' + o.replace('_', '-') for o in given)}: ResNet options; "
+                f"give {args.model}'s as --model-arg KEY=VALUE"
+            )
         kwargs = dict(args.model_arg or [])
     model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans, **kwargs)
     counts = count(model, (args.in_chans, args.resolution, args.resolution))
-    result = json.loads(json.dumps({"model": args.model, **model.config, "resolution": args.resolution, **counts.as_dict()}))
+    result = json.loads(
+        json.dumps({"model": args.model, **model.config, "resolution": args.resolution, **counts.as_dict()})
+    )
     if args.json:
         print(json.dumps(result))
         return
     rows = [(k.replace("_", " "), v) for k, v in result.items() if k not in ("params", "macs", "flops")]
-    rows += [("params", f"{counts.params:,} ({counts.params / 1e6:.2f} M)"),
-             ("multiply-adds", f"{counts.macs:,} ({counts.macs / 1e9:.2f} G)"),
-             ("FLOPs", f"{counts.flops:,} ({counts.flops / 1e9:.2f} G)")]
+    rows += [
+        ("params", f"{counts.params:,} ({counts.params / 1e6:.2f} M)"),
+        ("multiply-adds", f"{counts.macs:,} ({counts.macs / 1e9:.2f} G)"),
+        ("FLOPs", f"{counts.flops:,} ({counts.flops / 1e9:.2f} G)"),
+    ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         if isinstance(value, list):
@@ -74,13 +95,18 @@ def _delta(ours, paper):
 
 def _table(args):
     print(f"Table 1 at {args.resolution} px, 1000 classes: ours vs the paper")
-    header = f"{'model':<9} {'form':<20} {'params M':>9} {'paper':>6} {'dparams':>8} {'GFLOPs':>7} {'paper':>6} {'dFLOPs':>7}"
+    header = (
+        f"{'model':<9} {'form':<20} {'params M':>9} {'paper':>6} {'dparams':>8} "
+        f"{'GFLOPs':>7} {'paper':>6} {'dFLOPs':>7}"
+    )
     print(header)
     print("-" * len(header))
     for (name, form), (gflops, mparams, _) in TABLE1.items():
         c = count(create_model(name, form=form), args.resolution)
-        print(f"{name:<9} {form:<20} {c.params / 1e6:9.2f} {mparams:6.1f} {_delta(c.params / 1e6, mparams):>8} "
-              f"{c.flops / 1e9:7.2f} {gflops:6.1f} {_delta(c.flops / 1e9, gflops):>7}")
+        print(
+            f"{name:<9} {form:<20} {c.params / 1e6:9.2f} {mparams:6.1f} {_delta(c.params / 1e6, mparams):>8} "
+            f"{c.flops / 1e9:7.2f} {gflops:6.1f} {_delta(c.flops / 1e9, gflops):>7}"
+        )
 
 
 def _build_ext(args):
@@ -93,9 +119,14 @@ def _build_ext(args):
         return 1
     start = time.perf_counter()
     if cpu_extension.load() is None:
-        print("error: the C++ CPU kernel could not be built (see the warning above); the PyTorch kernel will be used", file=sys.stderr)
+        print(
+            "error: the C++ CPU kernel could not be built (see the warning above); the PyTorch kernel will be used",
+            file=sys.stderr,
+        )
         return 1
-    print(f"C++ CPU kernel ready ({time.perf_counter() - start:.0f} s): {' '.join(p.name for p in cpu_extension.SOURCES)}")
+    print(
+        f"C++ CPU kernel ready ({time.perf_counter() - start:.0f} s): {' '.join(p.name for p in cpu_extension.SOURCES)}"
+    )
     return 0
 
 
@@ -103,9 +134,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sasa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameters, multiply-adds and FLOPs of one model")
-    info.add_argument("--model", required=True, help=f"one of {', '.join(list_models())}, or timm:NAME (any timm model)")
-    info.add_argument("--model-arg", type=_option, action="append", metavar="KEY=VALUE",
-                      help="an option of a non-ResNet model, e.g. img_size=32 (repeatable; YAML values: [4, 4] is a list)")
+    info.add_argument(
+        "--model", required=True, help=f"one of {', '.join(list_models())}, or timm:NAME (any timm model)"
+    )
+    info.add_argument(
+        "--model-arg",
+        type=_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of a non-ResNet model, e.g. img_size=32 (repeatable; YAML values: [4, 4] is a list)",
+    )
     info.add_argument("--form", help=f"ResNets: one of {', '.join(FORMS)} (default: conv)")
     info.add_argument("--stem", help=f"one of {', '.join(STEMS)} (default: from --form)")
     info.add_argument("--attention-groups", type=_groups, help="e.g. 2,3,4 (default: from --form)")
@@ -113,9 +151,16 @@ def main(argv=None):
     info.add_argument("--heads", type=int, help="attention heads (default 8)")
     info.add_argument("--pos-enc", help="relative, absolute or none (default relative)")
     info.add_argument("--mixer", help=f"what fills the attention groups: one of {', '.join(MIXERS)} (default sasa)")
-    info.add_argument("--mixer-arg", type=_option, action="append", metavar="KEY=VALUE",
-                      help="an option of the mixer, e.g. block_size=8 (repeatable)")
-    info.add_argument("--block-attention", help=f"a module in every block: one of {', '.join(BLOCK_ATTENTIONS)} (default none)")
+    info.add_argument(
+        "--mixer-arg",
+        type=_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the mixer, e.g. block_size=8 (repeatable)",
+    )
+    info.add_argument(
+        "--block-attention", help=f"a module in every block: one of {', '.join(BLOCK_ATTENTIONS)} (default none)"
+    )
     info.add_argument("--width", type=float, help="channel multiplier (default 1.0)")
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--in-chans", type=int, default=3)

@@ -16,6 +16,7 @@ What ``torch.utils.flop_counter`` sees, and so what is counted:
 Batch norm, activations, pooling, softmax and residual additions are not counted, as in the paper
 and torchvision. Which kernel trains and on which device does not change what is counted.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -41,7 +42,9 @@ if _CPU_SDPA not in flop_counter.flop_registry:
 if _CPU_SDPA_BACKWARD not in flop_counter.flop_registry:
 
     @flop_counter.register_flop_formula(_CPU_SDPA_BACKWARD)
-    def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    def _cpu_sdpa_backward_flop(
+        grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+    ) -> int:
         return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 

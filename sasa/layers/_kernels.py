@@ -5,6 +5,7 @@ So a model is counted the same whichever kernel it trains with, by ``sasa.counti
 Lightning's model summary or by a user's own ``FlopCounterMode``, and the counter never decides
 which kernel trains.
 """
+
 from __future__ import annotations
 
 from sasa.counting import counting_flops

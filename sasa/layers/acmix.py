@@ -18,6 +18,7 @@ term, so the fast path (``impl="fast"``) is the blocked-attention op over blocks
 the union of their windows, each query masked to its own window (``sasa.layers.blocked``); the
 reference unfolds the windows, and the FLOP counter counts through it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,15 +28,20 @@ import torch.nn.functional as F
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
 from sasa.layers._kernels import kernel
 from sasa.layers.blocked import index_tables, query_blocks, window_axis
+from sasa.layers.registry import register_mixer
 from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
-from sasa.layers.registry import register_mixer
 
 
 def coordinates(H, W, device=None, dtype=None):
     """(1, 2, H, W): each pixel's (row, column) scaled to [-1, 1] (0 on an axis of one pixel)."""
+
     def axis(n):
-        return torch.linspace(-1, 1, n, device=device, dtype=dtype) if n > 1 else torch.zeros(1, device=device, dtype=dtype)
+        return (
+            torch.linspace(-1, 1, n, device=device, dtype=dtype)
+            if n > 1
+            else torch.zeros(1, device=device, dtype=dtype)
+        )
 
     y, x = torch.meshgrid(axis(H), axis(W), indexing="ij")
     return torch.stack([y, x])[None]
@@ -61,7 +67,9 @@ class ACmix2d(nn.Module):
         self.q, self.k, self.v = (nn.Conv2d(in_channels, out_channels, 1) for _ in range(3))
         self.pos = nn.Conv2d(2, self.head_dim, 1, bias=False)  # a bias would cancel in p_i - p_j (ACmix has one)
         self.fc = nn.Conv2d(3 * heads, conv_kernel**2, 1, bias=False)
-        self.shift = nn.Conv2d(conv_kernel**2 * self.head_dim, out_channels, conv_kernel, padding=conv_kernel // 2, groups=self.head_dim)
+        self.shift = nn.Conv2d(
+            conv_kernel**2 * self.head_dim, out_channels, conv_kernel, padding=conv_kernel // 2, groups=self.head_dim
+        )
         self.rate_att = nn.Parameter(torch.tensor(0.5))
         self.rate_conv = nn.Parameter(torch.tensor(0.5))
         with torch.no_grad():  # each of the c^2 maps starts as one shift: the kernel's tap s
@@ -84,8 +92,10 @@ class ACmix2d(nn.Module):
         q = (q * d**-0.5).view(B, n, d, H, W)
         w = self.pos.weight[:, :, 0, 0]  # (d, 2): p_j - p_i = w (c_j - c_i), c = -1 + 2 position / (size - 1)
         # q_i . w per axis, on the map first (the product saves q itself), then cut into query blocks
-        u_row, u_col = (query_blocks(torch.einsum("zndhw,d->znhw", q, w[:, a])[:, :, None], rows, cols)[:, :, :, :, 0, ..., None]
-                        for a in (0, 1))  # (B, n, R, C, bh, bw, 1)
+        u_row, u_col = (
+            query_blocks(torch.einsum("zndhw,d->znhw", q, w[:, a])[:, :, None], rows, cols)[:, :, :, :, 0, ..., None]
+            for a in (0, 1)
+        )  # (B, n, R, C, bh, bw, 1)
 
         def offsets(axis, m):
             """(blocks, block, S): key - query positions along one axis, in coordinate units."""
@@ -97,8 +107,13 @@ class ACmix2d(nn.Module):
         queries, keys = index_tables(rows, cols, H, W)
         L = rows.block * cols.block
         out = BLOCKED_ATTENTION_IMPLS[self.impl](
-            q.flatten(3), k.view(B, n, d, H * W), v.view(B, n, d, H * W), queries, keys,
-            row_bias.reshape(-1, L, row_bias.shape[-1]), col_bias.reshape(-1, L, col_bias.shape[-1]),
+            q.flatten(3),
+            k.view(B, n, d, H * W),
+            v.view(B, n, d, H * W),
+            queries,
+            keys,
+            row_bias.reshape(-1, L, row_bias.shape[-1]),
+            col_bias.reshape(-1, L, col_bias.shape[-1]),
         )
         return out.reshape(B, C, H, W)
 
@@ -111,7 +126,9 @@ class ACmix2d(nn.Module):
         seen = unfold(torch.ones(1, 1, H, W, device=q.device, dtype=q.dtype))[0, 0] > 0  # (k^2, HW)
         qh = q.view(B, n, d, H * W) * d**-0.5
         keys = unfold(k).view(B, n, d, kk * kk, H * W) - unfold(p)[:, None]  # k_j - p_j
-        logits = torch.einsum("bndq,bndsq->bnsq", qh, keys) + torch.einsum("bndq,dq->bnq", qh, p.view(d, H * W))[:, :, None]
+        logits = (
+            torch.einsum("bndq,bndsq->bnsq", qh, keys) + torch.einsum("bndq,dq->bnq", qh, p.view(d, H * W))[:, :, None]
+        )
         weights = logits.masked_fill(~seen, float("-inf")).softmax(2)
         out = torch.einsum("bnsq,bndsq->bndq", weights, unfold(v).view(B, n, d, kk * kk, H * W))
         return out.reshape(B, C, H, W)
@@ -124,8 +141,12 @@ class ACmix2d(nn.Module):
         # (a 1x1 convolution over the heads axis of each (B, n, d, HW) view saves that view, not a copy)
         weights = self.fc.weight.unflatten(1, (3, n)).unbind(1)  # 3 x (c^2, n, 1, 1)
         maps = sum(F.conv2d(t.view(B, n, d, H * W), w) for w, t in zip(weights, (q, k, v)))  # (B, c^2, d, HW)
-        return self.shift(maps.transpose(1, 2).reshape(B, d * self.conv_kernel**2, H, W))  # channel d's c^2 maps together
+        return self.shift(
+            maps.transpose(1, 2).reshape(B, d * self.conv_kernel**2, H, W)
+        )  # channel d's c^2 maps together
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, "
-                f"heads={self.heads}, conv_kernel={self.conv_kernel}, impl={self.impl!r}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, "
+            f"heads={self.heads}, conv_kernel={self.conv_kernel}, impl={self.impl!r}"
+        )

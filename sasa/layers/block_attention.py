@@ -13,6 +13,7 @@ empirical study of attention modules and GCNet compare them: timm's layers, set 
 
 Each goes after the block's last batch norm, before the residual sum (where SE, CBAM and GC put it).
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -51,7 +52,12 @@ def _global_context(channels):
     return block
 
 
-BLOCK_ATTENTIONS = {"se": _squeeze_excitation, "eca": _efficient_channel_attention, "cbam": _cbam, "gc": _global_context}
+BLOCK_ATTENTIONS = {
+    "se": _squeeze_excitation,
+    "eca": _efficient_channel_attention,
+    "cbam": _cbam,
+    "gc": _global_context,
+}
 
 
 def create_block_attention(name, channels):

@@ -14,6 +14,7 @@ takes. The three mixers differ only in their axes:
   computing logits for the (b + k - 1)^2 keys of the union;
 - global: one block, the whole map.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -120,7 +121,9 @@ def index_tables(rows, cols, H, W):
 def pair_bias_table(bias, rows, cols):
     """(heads, Er, Ec) learned logits of each (row, column) offset -> (heads, R * C, bh * bw, Sr * Sc),
     the op's ``pair_bias``: entry [h, block, query, key] = bias[h, rows.rel, cols.rel] of the pair."""
-    t = bias[:, rows.rel[:, None, :, None, :, None], cols.rel[None, :, None, :, None, :]]  # (heads, R, C, bh, bw, Sr, Sc)
+    t = bias[
+        :, rows.rel[:, None, :, None, :, None], cols.rel[None, :, None, :, None, :]
+    ]  # (heads, R, C, bh, bw, Sr, Sc)
     return t.flatten(5).flatten(3, 4).flatten(1, 2)
 
 
@@ -148,7 +151,14 @@ def blocked_attention_2d(q, k, v, rows, cols, rel_row=None, rel_col=None, impl="
     queries, keys = index_tables(rows, cols, H, W)
     pair = None if bias is None else pair_bias_table(bias, rows, cols)
     out = BLOCKED_ATTENTION_IMPLS[impl](
-        q.flatten(3), k.flatten(3), v.flatten(3), queries, keys, row_bias.reshape(n, L, -1), col_bias.reshape(n, L, -1), pair
+        q.flatten(3),
+        k.flatten(3),
+        v.flatten(3),
+        queries,
+        keys,
+        row_bias.reshape(n, L, -1),
+        col_bias.reshape(n, L, -1),
+        pair,
     )
     return out.unflatten(3, (H, W))
 

@@ -17,6 +17,7 @@ A stride of 2 pools after mixing, as the other mixers here do (ELSA pools the Ha
 ``impl="fast"`` passes the heads' weights, m^lambda and gamma g to SAN's footprint aggregation, whose
 C++ kernel forms each channel's filter as it reads shifted rows of the values (no copies).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,16 +28,28 @@ import torch.nn.functional as F
 
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
 from sasa.layers._kernels import kernel
+from sasa.layers.registry import register_mixer
 from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.ops.footprint_aggregate import footprint_aggregate
-from sasa.layers.registry import register_mixer
 
 
 @register_mixer("elsa", paper="ELSA (Zhou et al., 2021)", marker="$E$")
 class ELSA2d(nn.Module):
     counted_impl = "reference"
 
-    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=4, group_width=8, lam=1.0, gamma=1.0, impl="fast"):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        stride=1,
+        *,
+        kernel_size=7,
+        heads=4,
+        group_width=8,
+        lam=1.0,
+        gamma=1.0,
+        impl="fast",
+    ):
         super().__init__()
         check_choice("impl", impl, ("fast", "reference"))
         self.impl = impl
@@ -50,7 +63,13 @@ class ELSA2d(nn.Module):
         self.qk_channels = math.ceil(out_channels * 2 / 3 / group_width) * group_width
         self.qkv = nn.Conv2d(in_channels, 2 * self.qk_channels + out_channels, 1, bias=False)
         self.logits = nn.Sequential(
-            nn.Conv2d(self.qk_channels, self.qk_channels, kernel_size, padding=kernel_size // 2, groups=self.qk_channels // group_width),
+            nn.Conv2d(
+                self.qk_channels,
+                self.qk_channels,
+                kernel_size,
+                padding=kernel_size // 2,
+                groups=self.qk_channels // group_width,
+            ),
             nn.GELU(),
             nn.Conv2d(self.qk_channels, kernel_size**2 * heads, 1),
         )
@@ -73,7 +92,9 @@ class ELSA2d(nn.Module):
     def filters(self, x):
         """(B, C, k^2, HW): each channel's filter over its pixel's window; and the values."""
         weights, v = self.head_weights(x)
-        weights = weights.flatten(3).repeat_interleave(self.out_channels // self.heads, dim=1)  # the head's weights, per channel
+        weights = weights.flatten(3).repeat_interleave(
+            self.out_channels // self.heads, dim=1
+        )  # the head's weights, per channel
         scale = self.ghost_scale()
         if scale is not None:
             weights = scale[None, :, :, None] * weights
@@ -88,8 +109,13 @@ class ELSA2d(nn.Module):
             out = torch.einsum("bcop,bcop->bcp", filters, windows).view(B, self.out_channels, H, W)
         else:
             weights, v = self.head_weights(x)
-            out = footprint_aggregate(weights, v, k, self.ghost_scale(), self.gamma * self.ghost_add if self.gamma != 0 else None)
+            out = footprint_aggregate(
+                weights, v, k, self.ghost_scale(), self.gamma * self.ghost_add if self.gamma != 0 else None
+            )
         return self.pool(self.proj(out))
 
     def extra_repr(self):
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, heads={self.heads}, impl={self.impl!r}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, "
+            f"heads={self.heads}, impl={self.impl!r}"
+        )

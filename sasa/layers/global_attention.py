@@ -6,6 +6,7 @@ reference, written in einsums only so that ``torch.utils.flop_counter`` counts i
 are counted through it), and its fast path ``fast_relative_global_attention``: one block of all
 pixels in ``sasa.layers.blocked``, which never stores the (H W)^2 logits.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,8 @@ import torch.nn as nn
 from sasa.layers._checks import check_choice, check_divisible, check_positive_int
 from sasa.layers._kernels import kernel
 from sasa.layers.blocked import blocked_attention_2d, global_axis
-from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings
-from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
 from sasa.layers.registry import register_mixer
+from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings
 
 GLOBAL_POS_ENCODINGS = ("relative", "none")
 
@@ -105,7 +105,12 @@ class _RelativeGlobalAttention(nn.Module):
 
     def follow(self, previous):
         """Evolve from ``previous``'s logits (the mixer of the block before, same group)."""
-        if self.evolve and isinstance(previous, _RelativeGlobalAttention) and previous.evolve and previous.heads == self.heads:
+        if (
+            self.evolve
+            and isinstance(previous, _RelativeGlobalAttention)
+            and previous.evolve
+            and previous.heads == self.heads
+        ):
             self._previous, previous._successor = (previous,), True
 
     def _attend(self, x):
@@ -139,9 +144,7 @@ def _check_common(in_channels, out_channels, stride, heads, max_extent, pos_enc)
     check_choice("pos_enc", pos_enc, GLOBAL_POS_ENCODINGS)
 
 
-@register_mixer(
-    "bot", paper="BoTNet (Srinivas et al., 2021)", marker="X", test_options={"max_extent": 4}, groups=(4,)
-)
+@register_mixer("bot", paper="BoTNet (Srinivas et al., 2021)", marker="X", test_options={"max_extent": 4}, groups=(4,))
 class BoTAttention2d(_RelativeGlobalAttention):
     """BoTNet's multi-head self-attention (Srinivas et al., 2021): every pixel attends over the
     whole map, with 2-D relative position logits (``pos_enc="relative"``) or none (``"none"``,
@@ -155,12 +158,28 @@ class BoTAttention2d(_RelativeGlobalAttention):
     ``max_extent`` instead of being sized to one resolution.
     """
 
-    def __init__(self, in_channels, out_channels, stride=1, *, heads=4, max_extent=16, pos_enc="relative", impl="fast", evolve=0.0):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        stride=1,
+        *,
+        heads=4,
+        max_extent=16,
+        pos_enc="relative",
+        impl="fast",
+        evolve=0.0,
+    ):
         super().__init__()
         _check_common(in_channels, out_channels, stride, heads, max_extent, pos_enc)
         check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
         if pos_enc == "relative":
-            check_divisible("out_channels", out_channels, 2 * heads, f"each of the {heads} heads splits its relative logits into row and column halves")
+            check_divisible(
+                "out_channels",
+                out_channels,
+                2 * heads,
+                f"each of the {heads} heads splits its relative logits into row and column halves",
+            )
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self._build_attention(in_channels, out_channels, out_channels, heads, max_extent, pos_enc, impl, evolve)
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
@@ -202,8 +221,18 @@ class AttentionAugmentedConv2d(_RelativeGlobalAttention):
     """
 
     def __init__(
-        self, in_channels, out_channels, stride=1, *, heads=8, dk_fraction=0.2, dv_fraction=0.1, max_extent=16, pos_enc="relative",
-        impl="fast", evolve=0.0,
+        self,
+        in_channels,
+        out_channels,
+        stride=1,
+        *,
+        heads=8,
+        dk_fraction=0.2,
+        dv_fraction=0.1,
+        max_extent=16,
+        pos_enc="relative",
+        impl="fast",
+        evolve=0.0,
     ):
         super().__init__()
         _check_common(in_channels, out_channels, stride, heads, max_extent, pos_enc)
@@ -214,8 +243,8 @@ class AttentionAugmentedConv2d(_RelativeGlobalAttention):
         dv = max(1, round(dv_fraction * out_channels / heads)) * heads
         if dv >= out_channels:
             raise ValueError(
-                f"dv_fraction={dv_fraction} gives dv={dv} attention channels (a multiple of heads={heads}), leaving none of "
-                f"out_channels={out_channels} for the convolution"
+                f"dv_fraction={dv_fraction} gives dv={dv} attention channels (a multiple of heads={heads}), "
+                f"leaving none of out_channels={out_channels} for the convolution"
             )
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.dk_fraction, self.dv_fraction = dk_fraction, dv_fraction

@@ -8,14 +8,14 @@ a homogeneous polynomial of degree n + 1 in its input, which is what the tests c
 authors' code the depthwise outputs are scaled by 1/3; a stride of 2 pools after mixing, as the
 other mixers here do.
 """
+
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
-from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.layers.registry import register_mixer
+from sasa.layers.sasa2d import CeilAvgPool2d
 
 
 @register_mixer("gnconv", paper="g^n Conv, HorNet (Rao et al., 2022)", marker="$g$")
@@ -24,12 +24,22 @@ class GnConv2d(nn.Module):
         super().__init__()
         check_odd_kernel("kernel_size", kernel_size)
         check_positive_int("order", order)
-        check_divisible("out_channels", out_channels, 2 ** (order - 1), f"order={order} halves the width {order - 1} times")
+        check_divisible(
+            "out_channels", out_channels, 2 ** (order - 1), f"order={order} halves the width {order - 1} times"
+        )
         check_choice("stride", stride, (1, 2))
-        self.in_channels, self.out_channels, self.stride, self.order, self.scale = in_channels, out_channels, stride, order, scale
+        self.in_channels, self.out_channels, self.stride, self.order, self.scale = (
+            in_channels,
+            out_channels,
+            stride,
+            order,
+            scale,
+        )
         self.dims = [out_channels // 2 ** (order - 1 - i) for i in range(order)]
         self.proj_in = nn.Conv2d(in_channels, self.dims[0] + sum(self.dims), 1)
-        self.dwconv = nn.Conv2d(sum(self.dims), sum(self.dims), kernel_size, padding=kernel_size // 2, groups=sum(self.dims))
+        self.dwconv = nn.Conv2d(
+            sum(self.dims), sum(self.dims), kernel_size, padding=kernel_size // 2, groups=sum(self.dims)
+        )
         self.pws = nn.ModuleList(nn.Conv2d(self.dims[i], self.dims[i + 1], 1) for i in range(order - 1))
         self.proj_out = nn.Conv2d(out_channels, out_channels, 1)
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()

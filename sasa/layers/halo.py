@@ -1,4 +1,5 @@
 """Blocked local self-attention with a halo (HaloNet), a spatial mixer beside SASA."""
+
 from __future__ import annotations
 
 import torch
@@ -8,9 +9,9 @@ import torch.nn.functional as F
 from sasa.layers._checks import check_choice, check_positive_int
 from sasa.layers._kernels import kernel
 from sasa.layers.blocked import blocked_mixer_attention, halo_axis
+from sasa.layers.registry import register_mixer
 from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings, check_attention_layer
 from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
-from sasa.layers.registry import register_mixer
 
 POS_ENCODINGS = ("relative", "none")
 
@@ -42,7 +43,9 @@ class HaloAttention2d(nn.Module):
 
     counted_impl = "reference"  # the FLOP counter sees its matrix products
 
-    def __init__(self, in_channels, out_channels, stride=1, *, block_size=8, halo=3, heads=8, pos_enc="relative", impl="fast"):
+    def __init__(
+        self, in_channels, out_channels, stride=1, *, block_size=8, halo=3, heads=8, pos_enc="relative", impl="fast"
+    ):
         super().__init__()
         check_positive_int("block_size", block_size)
         if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
@@ -73,7 +76,12 @@ class HaloAttention2d(nn.Module):
         # (B, heads, nH*b + 2h, nW*b + 2h, d): zero-padded, each head's channels last
         qkv = F.pad(self.qkv(x), (h, h + pad_w, h, h + pad_h))
         q, k, v = qkv.view(B, 3, heads, d, nH * b + 2 * h, nW * b + 2 * h).permute(1, 0, 2, 4, 5, 3)
-        q = q[:, :, h : h + nH * b, h : h + nW * b].reshape(B, heads, nH, b, nW, b, d).transpose(3, 4).reshape(n, b * b, d)
+        q = (
+            q[:, :, h : h + nH * b, h : h + nW * b]
+            .reshape(B, heads, nH, b, nW, b, d)
+            .transpose(3, 4)
+            .reshape(n, b * b, d)
+        )
 
         def windows(t):  # (n, d, w*w): each block's window (block + halo)
             return t.unfold(2, w, b).unfold(3, w, b).reshape(n, d, w * w)

@@ -12,6 +12,7 @@ One choice differs from the authors' code: the binary term is BoTNet's attention
 relative logits q . r and its fast path), where LESA's code adds query, key and value embeddings of
 the offset along the flattened pixel sequence.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,8 @@ import torch.nn as nn
 
 from sasa.layers._checks import check_choice, check_divisible, check_positive_int
 from sasa.layers.global_attention import BoTAttention2d
-from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.layers.registry import register_mixer
+from sasa.layers.sasa2d import CeilAvgPool2d
 
 
 @register_mixer("lesa", paper="LESA (Yang et al., 2021)", marker="$L$", test_options={"max_extent": 4})
@@ -36,12 +37,18 @@ class LESA2d(nn.Module):
             unary.append(nn.Conv2d(out_channels, out_channels, 1, bias=False))
         self.unary = nn.Sequential(*unary, nn.BatchNorm2d(out_channels))
         self.binary = nn.Sequential(
-            BoTAttention2d(in_channels, out_channels, 1, heads=heads, max_extent=max_extent, pos_enc=pos_enc, impl=impl),
+            BoTAttention2d(
+                in_channels, out_channels, 1, heads=heads, max_extent=max_extent, pos_enc=pos_enc, impl=impl
+            ),
             nn.BatchNorm2d(out_channels),
         )
         self.gate = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(2 * out_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(),
-            nn.Conv2d(out_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(2 * out_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
         )
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
 

@@ -18,6 +18,7 @@ Two auxiliary losses, added to the training loss (``aux_loss(model)``):
 
 Router and losses run in float32 whatever the model's precision, as ST-MoE recommends.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,21 @@ from sasa.layers._checks import check_positive_int
 
 class MoEMlp(nn.Module):
     def __init__(
-        self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, norm_layer=None, bias=True, drop=0.0,
-        num_experts=8, top_k=2, capacity_factor=1.25, load_balance_weight=1e-2, z_loss_weight=1e-3, device=None, dtype=None,
+        self,
+        in_features,
+        hidden_features=None,
+        out_features=None,
+        act_layer=nn.GELU,
+        norm_layer=None,
+        bias=True,
+        drop=0.0,
+        num_experts=8,
+        top_k=2,
+        capacity_factor=1.25,
+        load_balance_weight=1e-2,
+        z_loss_weight=1e-3,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         check_positive_int("num_experts", num_experts)
@@ -56,7 +70,7 @@ class MoEMlp(nn.Module):
         self.act = act_layer() if act_layer is not None else nn.GELU()
         self.drop = nn.Dropout(drop if isinstance(drop, (int, float)) else drop[0])
         for w in (self.w1, self.w2):  # each expert as nn.Linear initialises its weight
-            nn.init.uniform_(w, -w.shape[1] ** -0.5, w.shape[1] ** -0.5)
+            nn.init.uniform_(w, -(w.shape[1] ** -0.5), w.shape[1] ** -0.5)
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.dropped_fraction = torch.zeros(())
 
@@ -102,7 +116,10 @@ class MoEMlp(nn.Module):
     def weighted_aux_loss(self):
         if not self.aux_losses:
             return None
-        return self.load_balance_weight * self.aux_losses["load_balance"] + self.z_loss_weight * self.aux_losses["router_z"]
+        return (
+            self.load_balance_weight * self.aux_losses["load_balance"]
+            + self.z_loss_weight * self.aux_losses["router_z"]
+        )
 
 
 def reference_moe_mlp(layer: MoEMlp, x):
@@ -117,7 +134,9 @@ def reference_moe_mlp(layer: MoEMlp, x):
             if kept[t, j]:
                 e = experts[t, j]
                 h = x[t] @ layer.w1[e] + (0 if layer.b1 is None else layer.b1[e, 0])
-                y = y + gates[t, j].to(x.dtype) * ((layer.act(h) @ layer.w2[e]) + (0 if layer.b2 is None else layer.b2[e, 0]))
+                y = y + gates[t, j].to(x.dtype) * (
+                    (layer.act(h) @ layer.w2[e]) + (0 if layer.b2 is None else layer.b2[e, 0])
+                )
         out.append(y if torch.is_tensor(y) else x.new_zeros(layer.w2.shape[-1]))
     return torch.stack(out).view(*shape[:-1], -1)
 

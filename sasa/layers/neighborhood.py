@@ -1,4 +1,5 @@
 """Neighborhood attention: SASA with windows shifted, not padded, at the borders."""
+
 from __future__ import annotations
 
 import torch
@@ -7,9 +8,9 @@ import torch.nn as nn
 from sasa.layers._checks import check_choice, check_odd_kernel
 from sasa.layers._kernels import kernel
 from sasa.layers.blocked import blocked_mixer_attention, neighborhood_axis
+from sasa.layers.registry import register_mixer
 from sasa.layers.sasa2d import CeilAvgPool2d, add_relative_embeddings, check_attention_layer
 from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
-from sasa.layers.registry import register_mixer
 
 POS_ENCODINGS = ("relative", "none")
 
@@ -43,7 +44,18 @@ class NeighborhoodAttention2d(nn.Module):
     counted_impl = "reference"  # the FLOP counter sees its einsums: k^2 keys per pixel, not the blocks'
     query_block = 4  # fast path: 4 x 4 queries share (4 + k - 1)^2 keys; larger blocks waste more logits
 
-    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=7, heads=8, pos_enc="relative", bias=False, impl="fast"):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        stride=1,
+        *,
+        kernel_size=7,
+        heads=8,
+        pos_enc="relative",
+        bias=False,
+        impl="fast",
+    ):
         super().__init__()
         check_odd_kernel("kernel_size", kernel_size)
         check_attention_layer(in_channels, out_channels, heads, stride, pos_enc, POS_ENCODINGS)
@@ -57,7 +69,9 @@ class NeighborhoodAttention2d(nn.Module):
         self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, bias=False)
         add_relative_embeddings(self, heads, head_dim, 2 * kernel_size - 1, pos_enc == "relative")
         extent = 2 * kernel_size - 1
-        self.rel_bias = nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, extent, extent), std=0.02)) if bias else None
+        self.rel_bias = (
+            nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, extent, extent), std=0.02)) if bias else None
+        )
         self.pool = CeilAvgPool2d() if stride == 2 else nn.Identity()
 
     def neighbour_index(self, H, W, device=None):
@@ -74,7 +88,9 @@ class NeighborhoodAttention2d(nn.Module):
         return self.pool(getattr(self, f"_{kernel(self)}")(x))
 
     def _fast(self, x):
-        return blocked_mixer_attention(self, x, lambda n: neighborhood_axis(n, self.kernel_size, self.query_block, x.dtype, x.device))
+        return blocked_mixer_attention(
+            self, x, lambda n: neighborhood_axis(n, self.kernel_size, self.query_block, x.dtype, x.device)
+        )
 
     def _reference(self, x):
         B, _, H, W = x.shape

@@ -10,6 +10,7 @@ exp(score). So the layer is shift-invariant and linear in the number of pixels (
 logits), which the tests check. Keys beyond the border are left out (zero padding of both sums).
 A stride of 2 pools after mixing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
-from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.layers.registry import register_mixer
+from sasa.layers.sasa2d import CeilAvgPool2d
 
 
 @register_mixer("qna", paper="QnA (Arar et al., 2022)", marker="$Q$")
@@ -48,11 +49,18 @@ class QnA2d(nn.Module):
         kernel = self.bias.exp().reshape(L * n, 1, k, k)  # the window's offsets, as a depthwise kernel
         # conv2d correlates: output i reads input i + offset, weighted by bias[offset]
         den = F.conv2d(weights.reshape(B, L * n, H, W), kernel, padding=k // 2, groups=L * n)
-        num = F.conv2d((weights[:, :, :, None] * value[:, None]).reshape(B, L * n * d, H, W),
-                       kernel.repeat_interleave(d, 0), padding=k // 2, groups=L * n * d)
+        num = F.conv2d(
+            (weights[:, :, :, None] * value[:, None]).reshape(B, L * n * d, H, W),
+            kernel.repeat_interleave(d, 0),
+            padding=k // 2,
+            groups=L * n * d,
+        )
         # a window whose scores all sit ~88 (float32) below the map's largest underflows to 0 / 0: read 0 there
         out = num.view(B, L, n, d, H, W) / den.clamp_min(torch.finfo(den.dtype).tiny).view(B, L, n, 1, H, W)
         return self.pool(self.proj(out.reshape(B, L * n * d, H, W)))
 
     def extra_repr(self):
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, heads={self.heads}, queries={self.queries}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel_size={self.kernel_size}, "
+            f"heads={self.heads}, queries={self.queries}"
+        )

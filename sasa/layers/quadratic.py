@@ -14,6 +14,7 @@ Delta_h,x)^2, so the fast path (``impl="fast"``) is the blocked-attention op ove
 pixels (``sasa.ops.blocked_attention``: no (H W)^2 logits stored) with those two terms as its row
 and column biases; the reference materialises the logits, and the FLOP counter counts through it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,23 +23,31 @@ import torch.nn as nn
 from sasa.layers._checks import check_choice, check_divisible, check_positive_int
 from sasa.layers._kernels import kernel
 from sasa.layers.blocked import global_axis, index_tables
+from sasa.layers.registry import register_mixer
 from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
-from sasa.layers.registry import register_mixer
 
 
 @register_mixer("quadratic", paper="Quadratic encoding (Cordonnier et al., 2020)", marker="$q$")
 class QuadraticAttention2d(nn.Module):
     counted_impl = "reference"
 
-    def __init__(self, in_channels, out_channels, stride=1, *, heads=8, value_dim=None, content=True, init_alpha=1.0, impl="fast"):
+    def __init__(
+        self, in_channels, out_channels, stride=1, *, heads=8, value_dim=None, content=True, init_alpha=1.0, impl="fast"
+    ):
         super().__init__()
         check_choice("impl", impl, tuple(BLOCKED_ATTENTION_IMPLS))
         self.impl = impl
         check_positive_int("heads", heads)
         check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
         check_choice("stride", stride, (1, 2))
-        self.in_channels, self.out_channels, self.stride, self.heads, self.content = in_channels, out_channels, stride, heads, content
+        self.in_channels, self.out_channels, self.stride, self.heads, self.content = (
+            in_channels,
+            out_channels,
+            stride,
+            heads,
+            content,
+        )
         self.head_dim = out_channels // heads
         self.value_dim = value_dim or self.head_dim
         check_positive_int("value_dim", self.value_dim)
@@ -52,7 +61,9 @@ class QuadraticAttention2d(nn.Module):
 
     def position_logits(self, H, W):
         """(heads, HW, HW): -alpha_h ||(key - query) - Delta_h||^2."""
-        y, x = torch.meshgrid(torch.arange(H, device=self.centre.device), torch.arange(W, device=self.centre.device), indexing="ij")
+        y, x = torch.meshgrid(
+            torch.arange(H, device=self.centre.device), torch.arange(W, device=self.centre.device), indexing="ij"
+        )
         pos = torch.stack([y.flatten(), x.flatten()], -1).to(self.centre.dtype)  # (HW, 2)
         delta = pos[None, :, :] - pos[:, None, :]  # (query, key, 2)
         dist = ((delta[None] - self.centre[:, None, None, :]) ** 2).sum(-1)
@@ -86,7 +97,12 @@ class QuadraticAttention2d(nn.Module):
         col = axis_bias(W, self.centre[:, 1]).repeat(1, H, 1)  # and column j's
         queries, keys = index_tables(global_axis(H, 1, x.dtype, x.device), global_axis(W, 1, x.dtype, x.device), H, W)
         out = BLOCKED_ATTENTION_IMPLS[self.impl](
-            q, k, v, queries, keys, row.expand(B, -1, -1, -1).reshape(B * self.heads, H * W, H),
+            q,
+            k,
+            v,
+            queries,
+            keys,
+            row.expand(B, -1, -1, -1).reshape(B * self.heads, H * W, H),
             col.expand(B, -1, -1, -1).reshape(B * self.heads, H * W, W),
         )
         return out.reshape(B, -1, H, W)
@@ -107,7 +123,9 @@ class QuadraticAttention2d(nn.Module):
         layer = cls(in_channels, k * k, heads=k * k, value_dim=in_channels, content=False, impl=impl).to(weight.dtype)
         layer.proj = nn.Conv2d(k * k * in_channels, out_channels, 1, bias=False).to(weight.dtype)
         with torch.no_grad():
-            offsets = torch.stack(torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij"), -1).reshape(-1, 2) - k // 2
+            offsets = (
+                torch.stack(torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij"), -1).reshape(-1, 2) - k // 2
+            )
             layer.centre.copy_(offsets)
             layer.log_alpha.fill_(float(torch.log(torch.tensor(alpha))))
             layer.v.weight.copy_(torch.eye(in_channels, dtype=weight.dtype).repeat(k * k, 1)[:, :, None, None])
@@ -117,4 +135,7 @@ class QuadraticAttention2d(nn.Module):
         return layer
 
     def extra_repr(self):
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, heads={self.heads}, content={self.content}, impl={self.impl!r}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, heads={self.heads}, "
+            f"content={self.content}, impl={self.impl!r}"
+        )

@@ -11,8 +11,8 @@ the package) plus the tests of its own defining property.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 GROUPS = (1, 2, 3, 4)
 IMPLS = ("fast", "reference")
@@ -56,7 +56,9 @@ def register_mixer(name: str, *, paper: str, marker: str, bench_options=_no_opti
 
     def add(cls):
         if name in MIXER_INFO:
-            raise ValueError(f"mixer {name!r} is registered twice ({MIXER_INFO[name].cls.__qualname__} and {cls.__qualname__})")
+            raise ValueError(
+                f"mixer {name!r} is registered twice ({MIXER_INFO[name].cls.__qualname__} and {cls.__qualname__})"
+            )
         MIXER_INFO[name] = MixerInfo(name, cls, paper, marker, bench_options, dict(test_options or {}), tuple(groups))
         MIXERS[name] = cls
         return cls

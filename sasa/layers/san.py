@@ -20,6 +20,7 @@ the values too (k^2 out_channels H W) and takes an einsum, which ``torch.utils.f
 counts exactly (k^2 out_channels multiply-adds per pixel; models are counted through it);
 ``"fast"`` (default) reads shifted rows of the values instead (SAN has CUDA kernels for this).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,9 +29,9 @@ import torch.nn.functional as F
 
 from sasa.layers._checks import check_choice, check_divisible, check_odd_kernel, check_positive_int
 from sasa.layers._kernels import kernel
+from sasa.layers.registry import register_mixer
 from sasa.layers.sasa2d import CeilAvgPool2d
 from sasa.ops.footprint_aggregate import FOOTPRINT_AGGREGATE_IMPLS
-from sasa.layers.registry import register_mixer
 
 
 class _VectorAttention2d(nn.Module):
@@ -50,10 +51,23 @@ class _VectorAttention2d(nn.Module):
         check_positive_int("share", share)
         check_positive_int("reduction", reduction)
         check_choice("impl", impl, tuple(FOOTPRINT_AGGREGATE_IMPLS))
-        check_divisible("out_channels", out_channels, share, f"share={share} value channels use each attention weight channel")
-        check_divisible("out_channels", out_channels, reduction, f"reduction={reduction} sets the relation width out_channels // reduction")
+        check_divisible(
+            "out_channels", out_channels, share, f"share={share} value channels use each attention weight channel"
+        )
+        check_divisible(
+            "out_channels",
+            out_channels,
+            reduction,
+            f"reduction={reduction} sets the relation width out_channels // reduction",
+        )
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.kernel_size, self.share, self.reduction, self.impl, self.softmax = kernel_size, share, reduction, impl, softmax
+        self.kernel_size, self.share, self.reduction, self.impl, self.softmax = (
+            kernel_size,
+            share,
+            reduction,
+            impl,
+            softmax,
+        )
         self.rel_channels = out_channels // reduction
         self.weight_channels = out_channels // share
         # No biases: phi's and psi's would shift gamma's input by a constant, which its first
@@ -143,7 +157,9 @@ class SANPatchwise2d(_VectorAttention2d):
     ``SASA2d``.
     """
 
-    def __init__(self, in_channels, out_channels, stride=1, *, kernel_size=3, share=8, reduction=8, softmax=False, impl="fast"):
+    def __init__(
+        self, in_channels, out_channels, stride=1, *, kernel_size=3, share=8, reduction=8, softmax=False, impl="fast"
+    ):
         super().__init__(in_channels, out_channels, stride, kernel_size, share, reduction, impl, softmax)
         width, g, kk = self.rel_channels * (kernel_size**2 + 1), self.weight_channels, kernel_size**2
         self.gamma = nn.Sequential(

@@ -1,4 +1,5 @@
 """The stand-alone self-attention layer (SASA), a drop-in for a k x k convolution."""
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,10 @@ def check_attention_layer(in_channels, out_channels, heads, stride, pos_enc, pos
     check_divisible("out_channels", out_channels, heads, f"split over heads={heads}")
     if pos_enc != "none":
         check_divisible(
-            "out_channels", out_channels, 2 * heads, f"each of the {heads} heads splits its position encoding into row and column halves"
+            "out_channels",
+            out_channels,
+            2 * heads,
+            f"each of the {heads} heads splits its position encoding into row and column halves",
         )
 
 

@@ -5,6 +5,7 @@ ablation): values by a 1x1 projection (``attention_plain``), by a 3x3 convolutio
 Both downsample by 4 at ImageNet resolution (``small_input=False``) and by 1 for 28-32 px data,
 so that the last group of a ResNet still sees a 4x4 map (28 -> 28, 14, 7, 4) instead of 1x1.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -19,7 +20,6 @@ from sasa.layers._kernels import kernel
 from sasa.layers.blocked import blocked_attention_2d, halo_axis
 from sasa.layers.sasa2d import add_relative_embeddings
 from sasa.ops.blocked_attention import BLOCKED_ATTENTION_IMPLS
-
 
 VALUES = ("spatially_aware", "plain", "conv")
 CONV_VALUES_KERNEL = 3  # the paper does not give the size of its "spatial convolution for the values"
@@ -44,10 +44,24 @@ class StemAttention2d(nn.Module):
     counted_impl = "reference"  # the FLOP counter sees its matrix products
 
     def __init__(
-        self, in_channels, out_channels, block_size=4, heads=8, mixtures=4, pos_enc="relative", values="spatially_aware", impl="fast"
+        self,
+        in_channels,
+        out_channels,
+        block_size=4,
+        heads=8,
+        mixtures=4,
+        pos_enc="relative",
+        values="spatially_aware",
+        impl="fast",
     ):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("block_size", block_size), ("heads", heads), ("mixtures", mixtures)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("block_size", block_size),
+            ("heads", heads),
+            ("mixtures", mixtures),
+        ):
             check_positive_int(name, value)
         check_choice("pos_enc", pos_enc, ("relative", "none"))
         check_choice("values", values, VALUES)
@@ -56,7 +70,13 @@ class StemAttention2d(nn.Module):
         self.head_dim = out_channels // heads
         if pos_enc == "relative":
             check_divisible("out_channels", out_channels, 2 * heads, "row and column halves of each head's embedding")
-        self.out_channels, self.block_size, self.heads, self.value_kind, self.impl = out_channels, block_size, heads, values, impl
+        self.out_channels, self.block_size, self.heads, self.value_kind, self.impl = (
+            out_channels,
+            block_size,
+            heads,
+            values,
+            impl,
+        )
         self.qk = nn.Conv2d(in_channels, 2 * out_channels, 1, bias=False)
         if values == "spatially_aware":
             self.mixtures = mixtures
@@ -141,7 +161,16 @@ def conv_stem(in_chans, out_channels, *, small_input=False, **_):
 
 
 def attention_stem(
-    in_chans, out_channels, *, small_input=False, heads=8, pos_enc="relative", mixtures=4, values="spatially_aware", impl="fast", **_
+    in_chans,
+    out_channels,
+    *,
+    small_input=False,
+    heads=8,
+    pos_enc="relative",
+    mixtures=4,
+    values="spatially_aware",
+    impl="fast",
+    **_,
 ):
     """The paper's stem: 4x4-tile attention (spatially-aware values unless ``values`` says
     otherwise), batch norm, 4x4 max pool (no pool for small inputs). The paper applies no ReLU

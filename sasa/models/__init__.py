@@ -2,4 +2,14 @@ from sasa.models import cvt, resnet  # noqa: F401  (registers CvT and the ResNet
 from sasa.models.registry import create_model, is_resnet, is_timm, list_models, model_family, register_model
 from sasa.models.resnet import FORMS, ResNet, from_torchvision_state_dict
 
-__all__ = ["FORMS", "ResNet", "create_model", "from_torchvision_state_dict", "is_resnet", "is_timm", "list_models", "model_family", "register_model"]
+__all__ = [
+    "FORMS",
+    "ResNet",
+    "create_model",
+    "from_torchvision_state_dict",
+    "is_resnet",
+    "is_timm",
+    "list_models",
+    "model_family",
+    "register_model",
+]

@@ -13,6 +13,7 @@ The class token joins in the last stage only, and skips the convolutions (it has
 map). One choice differs from the authors' code: logits are scaled by the head width's -1/2 power,
 as the paper's equation says, where their code scales by the whole width's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -87,7 +88,9 @@ class CvTBlock(nn.Module):
 
 
 class CvTStage(nn.Module):
-    def __init__(self, in_chans, dim, depth, heads, embed_kernel, embed_stride, mlp_ratio, kv_stride, qkv_bias, cls_token):
+    def __init__(
+        self, in_chans, dim, depth, heads, embed_kernel, embed_stride, mlp_ratio, kv_stride, qkv_bias, cls_token
+    ):
         super().__init__()
         self.embed = ConvEmbedding(in_chans, dim, embed_kernel, embed_stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
@@ -110,11 +113,27 @@ class CvTStage(nn.Module):
 
 
 class CvT(nn.Module):
-    def __init__(self, depths=(1, 2, 10), dims=(64, 192, 384), heads=(1, 3, 6), embed_kernels=(7, 3, 3), embed_strides=(4, 2, 2),
-                 mlp_ratio=4.0, kv_stride=2, qkv_bias=True, num_classes=1000, in_chans=3):
+    def __init__(
+        self,
+        depths=(1, 2, 10),
+        dims=(64, 192, 384),
+        heads=(1, 3, 6),
+        embed_kernels=(7, 3, 3),
+        embed_strides=(4, 2, 2),
+        mlp_ratio=4.0,
+        kv_stride=2,
+        qkv_bias=True,
+        num_classes=1000,
+        in_chans=3,
+    ):
         super().__init__()
         stages = len(depths)
-        for name, value in (("dims", dims), ("heads", heads), ("embed_kernels", embed_kernels), ("embed_strides", embed_strides)):
+        for name, value in (
+            ("dims", dims),
+            ("heads", heads),
+            ("embed_kernels", embed_kernels),
+            ("embed_strides", embed_strides),
+        ):
             if len(value) != stages:
                 raise ValueError(f"{name} needs one entry per stage ({stages}, as depths), got {list(value)}")
             for v in value:
@@ -124,15 +143,34 @@ class CvT(nn.Module):
         check_positive_int("kv_stride", kv_stride)
         check_positive_int("num_classes", num_classes)
         check_positive_int("in_chans", in_chans)
-        self.config = dict(depths=list(depths), dims=list(dims), heads=list(heads), embed_kernels=list(embed_kernels),
-                           embed_strides=list(embed_strides), mlp_ratio=mlp_ratio, kv_stride=kv_stride, qkv_bias=qkv_bias,
-                           num_classes=num_classes, in_chans=in_chans)
+        self.config = dict(
+            depths=list(depths),
+            dims=list(dims),
+            heads=list(heads),
+            embed_kernels=list(embed_kernels),
+            embed_strides=list(embed_strides),
+            mlp_ratio=mlp_ratio,
+            kv_stride=kv_stride,
+            qkv_bias=qkv_bias,
+            num_classes=num_classes,
+            in_chans=in_chans,
+        )
         self.in_chans = in_chans
         self.min_input_size = 1
         chans = [in_chans, *dims]
         self.stages = nn.ModuleList(
-            CvTStage(chans[i], dims[i], depths[i], heads[i], embed_kernels[i], embed_strides[i], mlp_ratio, kv_stride, qkv_bias,
-                     cls_token=i == stages - 1)
+            CvTStage(
+                chans[i],
+                dims[i],
+                depths[i],
+                heads[i],
+                embed_kernels[i],
+                embed_strides[i],
+                mlp_ratio,
+                kv_stride,
+                qkv_bias,
+                cls_token=i == stages - 1,
+            )
             for i in range(stages)
         )
         self.norm = nn.LayerNorm(dims[-1])
@@ -163,7 +201,7 @@ def reference_conv_embedding(embed: ConvEmbedding, x):
     out = x.new_empty(x.shape[0], H, W, weight.shape[0])
     for i in range(H):
         for j in range(W):
-            patch = x[:, :, i * s:i * s + k, j * s:j * s + k].flatten(1)
+            patch = x[:, :, i * s : i * s + k, j * s : j * s + k].flatten(1)
             out[:, i, j] = embed.norm(patch @ weight.t() + conv.bias)
     return out.permute(0, 3, 1, 2)
 
@@ -179,7 +217,7 @@ def reference_conv_projection(proj: ConvProjection, x):
     tokens = []
     for i in range(H):
         for j in range(W):
-            y = (x[:, :, i * s:i * s + k, j * s:j * s + k] * filters).sum((-1, -2))
+            y = (x[:, :, i * s : i * s + k, j * s : j * s + k] * filters).sum((-1, -2))
             y = (y - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
             tokens.append(proj.linear(y))
     return torch.stack(tokens, 1)

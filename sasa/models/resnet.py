@@ -1,6 +1,7 @@
 """ResNet-26/38/50 bottleneck networks in conv, conv-stem + attention, full-attention and
 per-group hybrid forms (the paper's Tables 1 and 3), with SASA or any other registered
 attention mixer (``sasa.layers.mixers``) in the attention groups."""
+
 from __future__ import annotations
 
 import re
@@ -40,7 +41,9 @@ class Bottleneck(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
 
     def forward(self, x):
         out = self.act(self.bn1(self.reduce(x)))
@@ -97,7 +100,9 @@ class ResNet(nn.Module):
         mixer_args = dict(mixer_args or {})
         stem = FORMS[form]["stem"] if stem is None else stem
         check_choice("stem", stem, tuple(STEMS))
-        attention_groups = _attention_groups(FORMS[form]["attention_groups"] if attention_groups is None else attention_groups)
+        attention_groups = _attention_groups(
+            FORMS[form]["attention_groups"] if attention_groups is None else attention_groups
+        )
         check_odd_kernel("kernel_size", kernel_size)  # checked even where no group uses attention
         check_positive_int("heads", heads)
         check_choice("pos_enc", pos_enc, POS_ENCODINGS)
@@ -110,9 +115,20 @@ class ResNet(nn.Module):
             raise ValueError(f"width={width} leaves the first group with no channels")
 
         self.config = dict(
-            form=form, stem=stem, attention_groups=attention_groups, kernel_size=kernel_size, heads=heads,
-            pos_enc=pos_enc, width=width, num_classes=num_classes, in_chans=in_chans, small_input=small_input,
-            zero_init_residual=zero_init_residual, mixer=mixer, mixer_args=mixer_args, block_attention=block_attention,
+            form=form,
+            stem=stem,
+            attention_groups=attention_groups,
+            kernel_size=kernel_size,
+            heads=heads,
+            pos_enc=pos_enc,
+            width=width,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            small_input=small_input,
+            zero_init_residual=zero_init_residual,
+            mixer=mixer,
+            mixer_args=mixer_args,
+            block_attention=block_attention,
         )
         self.in_chans = in_chans
         self.min_input_size = STEM_STRIDE[bool(small_input)] * 8
@@ -124,9 +140,19 @@ class ResNet(nn.Module):
             layer = []
             for i in range(n):
                 stride = 2 if group > 1 and i == 0 else 1
-                block = Bottleneck(channels, w, stride, mixer if attends else "conv", shared, mixer_args if attends else {}, block_attention)
+                block = Bottleneck(
+                    channels,
+                    w,
+                    stride,
+                    mixer if attends else "conv",
+                    shared,
+                    mixer_args if attends else {},
+                    block_attention,
+                )
                 # a mixer that needs maps of at least min_size px (neighbourhood windows) raises the input minimum
-                self.min_input_size = max(self.min_input_size, in_stride * (getattr(block.mixer, "min_size", 1) - 1) + 1)
+                self.min_input_size = max(
+                    self.min_input_size, in_stride * (getattr(block.mixer, "min_size", 1) - 1) + 1
+                )
                 if layer and hasattr(block.mixer, "follow"):  # evolving attention reads the previous block's maps
                     block.mixer.follow(layer[-1].mixer)
                 layer.append(block)

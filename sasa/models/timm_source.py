@@ -7,6 +7,7 @@ downloaded); every other keyword argument is timm's, plus one of this library: `
 of ``sasa.layers.moe.MoEMlp``, puts the ST-MoE layer in place of the MLP of models that take an
 ``mlp_layer`` (ViT and its relatives).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -54,7 +55,9 @@ def create_timm_model(name: str, num_classes: int = 1000, in_chans: int = 3, **k
     moe = timm_kwargs.pop("moe", None)
     if moe is not None:
         if not isinstance(moe, dict):
-            raise ValueError(f"moe takes the options of MoEMlp as a mapping, e.g. {{num_experts: 4, top_k: 2}}; got {moe!r}")
+            raise ValueError(
+                f"moe takes the options of MoEMlp as a mapping, e.g. {{num_experts: 4, top_k: 2}}; got {moe!r}"
+            )
         try:
             MoEMlp(8, 8, **moe)  # options checked by name and value before timm sees them
         except TypeError as err:

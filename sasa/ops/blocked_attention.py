@@ -23,6 +23,7 @@ probabilities recomputed in the backward pass), and ``F.scaled_dot_product_atten
 blocks with the bias as its mask elsewhere (the device's fused attention), or on the CPU without a
 compiler or for other dtypes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -66,13 +67,20 @@ def reference_blocked_attention(q, k, v, query_index, key_index, row_bias, col_b
 def _sdpa_blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias, pair_bias=None):
     B, heads, _, P = q.shape
     qb, kb, vb = (_blocks(t, i).transpose(3, 4) for t, i in ((q, query_index), (k, key_index), (v, key_index)))
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=_bias(row_bias, col_bias, B, heads, pair_bias), scale=1.0)
+    out = F.scaled_dot_product_attention(
+        qb, kb, vb, attn_mask=_bias(row_bias, col_bias, B, heads, pair_bias), scale=1.0
+    )
     return _to_map(out.transpose(3, 4), query_index, P)
 
 
 def blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias, pair_bias=None):
     """Same result as the reference (see the module docstring)."""
-    if pair_bias is None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and cpu_extension.load() is not None:
+    if (
+        pair_bias is None
+        and q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.float64)
+        and cpu_extension.load() is not None
+    ):
         return blocked_attention_op(q, k, v, query_index, key_index, row_bias, col_bias)[0]
     return _sdpa_blocked_attention(q, k, v, query_index, key_index, row_bias, col_bias, pair_bias)
 
@@ -110,12 +118,20 @@ def blocked_attention_backward(
     lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v and both biases, from probabilities recomputed with the log-sum-exp."""
-    return cpu_extension.load().blocked_attention_backward(grad_out, q, k, v, query_index, key_index, row_bias, col_bias, out, lse)
+    return cpu_extension.load().blocked_attention_backward(
+        grad_out, q, k, v, query_index, key_index, row_bias, col_bias, out, lse
+    )
 
 
 @blocked_attention_backward.register_fake
 def _(grad_out, q, k, v, query_index, key_index, row_bias, col_bias, out, lse):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), row_bias.new_empty(row_bias.shape), col_bias.new_empty(col_bias.shape)
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        row_bias.new_empty(row_bias.shape),
+        col_bias.new_empty(col_bias.shape),
+    )
 
 
 def _setup_context(ctx, inputs, output):

@@ -7,6 +7,7 @@ its lock. ``make install`` builds it ahead of time (``python -m sasa build-ext``
 compiler is available the ops fall back to their PyTorch kernels with one warning, and
 ``SASA_CPU_EXTENSION=0`` turns the extension off.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,16 +65,26 @@ def load():
     try:
         # importing it looks for a CUDA toolkit and warns on CPU-only machines; we build CPU code only
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        from torch.utils.cpp_extension import get_default_build_root
         from torch.utils.cpp_extension import load as build_and_load
 
-        from torch.utils.cpp_extension import get_default_build_root
-
         name = _name()
-        sources = _staged_sources(Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / f"{name}_src")
+        sources = _staged_sources(
+            Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / f"{name}_src"
+        )
         build_and_load(
-            name=name, sources=sources, extra_cflags=CFLAGS + OPENMP, extra_ldflags=OPENMP, is_python_module=False, verbose=False
+            name=name,
+            sources=sources,
+            extra_cflags=CFLAGS + OPENMP,
+            extra_ldflags=OPENMP,
+            is_python_module=False,
+            verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: the PyTorch kernel still works
-        warnings.warn(f"sasa: the C++ CPU kernel could not be built, using the slower PyTorch kernel ({type(exc).__name__}: {exc})", stacklevel=2)
+        warnings.warn(
+            "sasa: the C++ CPU kernel could not be built, using the slower PyTorch kernel "
+            f"({type(exc).__name__}: {exc})",
+            stacklevel=2,
+        )
         return None
     return torch.ops.sasa_cpu

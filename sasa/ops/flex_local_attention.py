@@ -8,6 +8,7 @@ looks up the factorised row and column tables, so they get gradients like any ca
 pass, safe under bf16/fp16 autocast. Triton's matrix units need head dimensions of at least 16:
 smaller heads are zero-padded (zeros change no logit and produce zero output channels).
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,7 +43,9 @@ def _window(H, W, kernel_size):
 
 @functools.lru_cache(maxsize=64)
 def _block_mask(H, W, kernel_size, device):
-    return _flex().create_block_mask(_window(H, W, kernel_size), B=None, H=None, Q_LEN=H * W, KV_LEN=H * W, device=device)
+    return _flex().create_block_mask(
+        _window(H, W, kernel_size), B=None, H=None, Q_LEN=H * W, KV_LEN=H * W, device=device
+    )
 
 
 def _relative(row_logits, col_logits, W, kernel_size):
@@ -74,6 +77,9 @@ def flex_local_attention(q, k, v, row_logits, col_logits, kernel_size, compiled=
         attend, block_mask = _compiled_flex_attention(), _block_mask(H, W, kernel_size, str(q.device))
     else:
         flex = _flex()
-        attend, block_mask = flex.flex_attention, flex.create_block_mask(_window(H, W, kernel_size), None, None, H * W, H * W, device=q.device)
+        attend, block_mask = (
+            flex.flex_attention,
+            flex.create_block_mask(_window(H, W, kernel_size), None, None, H * W, H * W, device=q.device),
+        )
     out = attend(tokens(q), tokens(k), tokens(v), score_mod=score_mod, block_mask=block_mask, scale=1.0)
     return out[..., :d].transpose(2, 3).reshape(B, heads, d, H, W)

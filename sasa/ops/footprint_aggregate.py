@@ -11,6 +11,7 @@ at k = 7) and takes an einsum; ``footprint_aggregate`` is one custom op whose CP
 (``csrc/footprint_aggregate_cpu.cpp``) reads shifted rows of one padded copy instead; elsewhere, or
 without a compiler, it runs the reference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,9 @@ def footprint_aggregate(attn, values, kernel_size, scale=None, bias=None):
 
 
 @torch.library.custom_op("sasa::footprint_aggregate", mutates_args=(), device_types="cpu")
-def footprint_aggregate_op(attn: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def footprint_aggregate_op(
+    attn: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, kernel_size: int
+) -> torch.Tensor:
     return _extension(values).footprint_aggregate_forward(attn, values, scale, bias, kernel_size)
 
 
@@ -54,14 +57,24 @@ def _(attn, values, scale, bias, kernel_size):
 
 @torch.library.custom_op("sasa::footprint_aggregate_backward", mutates_args=(), device_types="cpu")
 def footprint_aggregate_backward(
-    grad_out: torch.Tensor, attn: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, kernel_size: int
+    grad_out: torch.Tensor,
+    attn: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _extension(values).footprint_aggregate_backward(grad_out, attn, values, scale, bias, kernel_size)
 
 
 @footprint_aggregate_backward.register_fake
 def _(grad_out, attn, values, scale, bias, kernel_size):
-    return attn.new_empty(attn.shape), values.new_empty(values.shape), scale.new_empty(scale.shape), bias.new_empty(bias.shape)
+    return (
+        attn.new_empty(attn.shape),
+        values.new_empty(values.shape),
+        scale.new_empty(scale.shape),
+        bias.new_empty(bias.shape),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -71,8 +84,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    grad_attn, grad_values, grad_scale, grad_bias = footprint_aggregate_backward(grad_out, *ctx.saved_tensors, ctx.kernel_size)
-    return grad_attn, grad_values, grad_scale if grad_scale.numel() else None, grad_bias if grad_bias.numel() else None, None
+    grad_attn, grad_values, grad_scale, grad_bias = footprint_aggregate_backward(
+        grad_out, *ctx.saved_tensors, ctx.kernel_size
+    )
+    return (
+        grad_attn,
+        grad_values,
+        grad_scale if grad_scale.numel() else None,
+        grad_bias if grad_bias.numel() else None,
+        None,
+    )
 
 
 footprint_aggregate_op.register_autograd(_backward, setup_context=_setup_context)

@@ -17,9 +17,8 @@ k^2 offsets with an online softmax. On CUDA the fast path is FlexAttention with 
 block mask instead (``flex_local_attention.py``), except while FLOPs are counted: the counter would
 score FlexAttention as dense attention over every pixel, so the op, with its exact formula, runs.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +76,9 @@ def _logit_tables(q, rel_row, rel_col):
     if rel_row is None:
         return None, None
     half = rel_row.shape[1]
-    return torch.einsum("bhcyx,hck->bhkyx", q[:, :, :half], rel_row), torch.einsum("bhcyx,hck->bhkyx", q[:, :, half:], rel_col)
+    return torch.einsum("bhcyx,hck->bhkyx", q[:, :, :half], rel_row), torch.einsum(
+        "bhcyx,hck->bhkyx", q[:, :, half:], rel_col
+    )
 
 
 # --- the fast kernel as a custom op: opaque to autograd (own backward), to FlopCounterMode (own
@@ -132,8 +133,8 @@ def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel_row: Optional[torch.Tensor],
-    rel_col: Optional[torch.Tensor],
+    rel_row: torch.Tensor | None,
+    rel_col: torch.Tensor | None,
     kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the attention output and the log-sum-exp of every (pixel, head) softmax."""
@@ -182,8 +183,8 @@ def local_attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel_row: Optional[torch.Tensor],
-    rel_col: Optional[torch.Tensor],
+    rel_row: torch.Tensor | None,
+    rel_col: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     kernel_size: int,
@@ -236,7 +237,11 @@ def _offsets_backward(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size
 
 @local_attention_backward.register_fake
 def _(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size):
-    rel = [q.new_empty(0), q.new_empty(0)] if rel_row is None else [rel_row.new_empty(rel_row.shape), rel_col.new_empty(rel_col.shape)]
+    rel = (
+        [q.new_empty(0), q.new_empty(0)]
+        if rel_row is None
+        else [rel_row.new_empty(rel_row.shape), rel_col.new_empty(rel_col.shape)]
+    )
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), *rel
 
 
