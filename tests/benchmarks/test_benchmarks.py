@@ -1,5 +1,6 @@
 """The benchmark CLI runs end to end on tiny shapes and writes what it promises (no timings are
 asserted: speed is reported by the benchmarks, not tested)."""
+
 import json
 import subprocess
 import sys
@@ -7,18 +8,42 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _bench(*args):
-    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
 
 
+@pytest.mark.slow
 def test_layer_benchmark_writes_json_and_markdown(tmp_path):
     out = tmp_path / "layer.json"
-    some = ["conv3x3", "sasa_fast", "sasa_reference", "halo_fast", "bot_reference", "sdpa_core", "gnconv"]  # every case is in LAYERS: tests/sasa/test_registry.py
-    done = _bench("layer", "--shapes", "2x16x12x12", "--kernel-sizes", "7", "--layers", *some, "--repeats", "2", "--warmup", "0",
-                  "--out", str(out))
+    some = [
+        "conv3x3",
+        "sasa_fast",
+        "sasa_reference",
+        "halo_fast",
+        "bot_reference",
+        "sdpa_core",
+        "gnconv",
+    ]  # every case is in LAYERS: tests/sasa/test_registry.py
+    done = _bench(
+        "layer",
+        "--shapes",
+        "2x16x12x12",
+        "--kernel-sizes",
+        "7",
+        "--layers",
+        *some,
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     rows = {(r["layer"], r["kernel_size"]): r for r in result["rows"]}
@@ -41,14 +66,36 @@ def test_sdpa_core_is_global_attention_of_the_map_over_itself():
     assert torch.allclose(SDPACore(heads=8)(x), expected)
 
 
+@pytest.mark.slow
 def test_model_benchmark_reports_throughput_against_the_conv_baseline(tmp_path):
     out = tmp_path / "model.json"
-    done = _bench("model", "--forms", "conv", "full_attention", "--resolution", "16", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
-                  "--memory-formats", "contiguous", "channels_last", "--out", str(out))
+    done = _bench(
+        "model",
+        "--forms",
+        "conv",
+        "full_attention",
+        "--resolution",
+        "16",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--memory-formats",
+        "contiguous",
+        "channels_last",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(r["form"], r["memory_format"]) for r in rows] == [
-        ("conv", "contiguous"), ("full_attention", "contiguous"), ("conv", "channels_last"), ("full_attention", "channels_last")]
+        ("conv", "contiguous"),
+        ("full_attention", "contiguous"),
+        ("conv", "channels_last"),
+        ("full_attention", "channels_last"),
+    ]
     assert rows[0]["throughput_vs_baseline"] == 1.0 and all(r["images_per_s"] > 0 for r in rows)
     for r in rows[1:]:
         assert r["throughput_vs_baseline"] == pytest.approx(r["images_per_s"] / rows[0]["images_per_s"])

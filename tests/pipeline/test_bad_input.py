@@ -1,12 +1,13 @@
 """Every bad input through the real stage entry points: exit code 2, a message that names the key
 (or file) and what is allowed, and not a single file written or changed."""
+
 import importlib
 import shutil
 
 import pytest
 import torch
 
-from tests.conftest import run_module, write_params
+from tests.helpers import run_module, write_params
 
 UNREACHABLE = {"mlflow": {"tracking_uri": "http://127.0.0.1:9"}}  # the discard port: connection refused
 
@@ -16,10 +17,27 @@ CASES = [
     ("train", {"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key; remove it or check its spelling"),
     ("sweep", {"models": {"common": {"kernal_size": 3}}}, "models.common.kernal_size: unknown key"),
     ("train", {"train": {"batch_size": "big"}}, "train.batch_size: Input should be a valid integer"),
-    ("train", {"models": {"variants": {"conv": {"form": "full_attention", "kernel_size": 4}}}}, "models.variants.conv: kernel_size must be odd"),
-    ("train", {"models": {"variants": {"conv": {"form": "full_attention", "kernel_size": 0}}}}, "kernel_size must be a positive integer, got 0"),
-    ("train", {"models": {"variants": {"conv": {"form": "full_attention", "heads": 3}}}}, "models.variants.conv: out_channels"),
-    ("train", {"models": {"common": {"model": "resnet27"}}}, "model='resnet27' is not supported; allowed: 'cvt13', 'cvt21', 'resnet26', 'resnet38', 'resnet50', 'timm:NAME (a timm model)'"),
+    (
+        "train",
+        {"models": {"variants": {"conv": {"form": "full_attention", "kernel_size": 4}}}},
+        "models.variants.conv: kernel_size must be odd",
+    ),
+    (
+        "train",
+        {"models": {"variants": {"conv": {"form": "full_attention", "kernel_size": 0}}}},
+        "kernel_size must be a positive integer, got 0",
+    ),
+    (
+        "train",
+        {"models": {"variants": {"conv": {"form": "full_attention", "heads": 3}}}},
+        "models.variants.conv: out_channels",
+    ),
+    (
+        "train",
+        {"models": {"common": {"model": "resnet27"}}},
+        "model='resnet27' is not supported; allowed: 'cvt13', 'cvt21', 'resnet26', 'resnet38', 'resnet50', "
+        "'timm:NAME (a timm model)'",
+    ),
     ("train", {"models": {"variants": {"conv": {"form": "hybrid"}}}}, "models.variants.conv: form='hybrid'"),
     ("train", {"models": {"variants": {"conv": {"stem": "patchify"}}}}, "models.variants.conv: stem"),
     ("prepare", {"data": {"source": "imagenet"}}, "data.source: Input should be 'mnist5k', 'imagefolder' or 'cifar10'"),
@@ -27,15 +45,27 @@ CASES = [
     ("train", {"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than 0"),
     ("train", {"train": {"epochs": 0}}, "train.epochs: Input should be greater than 0"),
     ("train", {"train": {"lr": 0}}, "train.lr: Input should be greater than 0"),
-    ("train", {"models": {"common": {"small_input": False}}}, "data.resolution=28 does not fit models.variants.conv: it needs at least"),
-    ("prepare", {"data": {"source": "imagefolder", "path": "no/such/folder"}}, "data.path='no/such/folder': no such folder"),
+    (
+        "train",
+        {"models": {"common": {"small_input": False}}},
+        "data.resolution=28 does not fit models.variants.conv: it needs at least",
+    ),
+    (
+        "prepare",
+        {"data": {"source": "imagefolder", "path": "no/such/folder"}},
+        "data.path='no/such/folder': no such folder",
+    ),
     ("train", {"train": {"batch_size": 5000}}, "train.batch_size=5000 exceeds the 4000 training images"),
     ("train", UNREACHABLE, "mlflow.tracking_uri=http://127.0.0.1:9: no MLflow server answered within 3 s"),
     ("sweep", UNREACHABLE, "no MLflow server answered"),
     ("report", UNREACHABLE, "no MLflow server answered"),
     ("train", {"mlflow": {"tracking_uri": "sqlite:///no/such/folder/mlflow.db"}}, "does not exist or is not writable"),
-    pytest.param("train", {"train": {"accelerator": "gpu"}}, "train.accelerator='gpu' but this machine has no CUDA GPU",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    pytest.param(
+        "train",
+        {"train": {"accelerator": "gpu"}},
+        "train.accelerator='gpu' but this machine has no CUDA GPU",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+    ),
 ]
 
 
@@ -75,10 +105,13 @@ def test_unknown_variant_and_missing_prepared_data(workdir, capsys):
     assert sorted(p.name for p in workdir.iterdir()) == ["params.yaml"]
 
 
-@pytest.mark.parametrize("stage,record,content", [
-    ("train", "checkpoints/conv/seed-0/run.json", "{not json"),
-    ("sweep", "sweep/state.json", '{"fingerprint": "f", "run_id": "r"}'),  # no Tune experiment
-])
+@pytest.mark.parametrize(
+    "stage,record,content",
+    [
+        ("train", "checkpoints/conv/seed-0/run.json", "{not json"),
+        ("sweep", "sweep/state.json", '{"fingerprint": "f", "run_id": "r"}'),  # no Tune experiment
+    ],
+)
 def test_a_damaged_resume_record_exits_1_naming_the_file_and_the_fix(workdir, capsys, stage, record, content):
     """Found before any training or Ray runtime starts."""
     path = workdir / record
@@ -98,6 +131,7 @@ def test_a_trial_no_node_can_hold_is_refused_before_it_starts(workdir, capsys):
     assert _tree(workdir) == before
 
 
+@pytest.mark.slow
 def test_the_process_exit_code_is_2(workdir):
     """The same path as above, as a user's shell sees it."""
     write_params(workdir, UNREACHABLE)

@@ -2,6 +2,7 @@
 own launcher, srun's environment, ``ray start``, ``mlflow server``) on 127.0.0.1, each training
 node in its own copy of the project folder, so nothing is shared by accident. Every process a test
 starts has a deadline and is killed, with all its children, when the test ends."""
+
 import csv
 import json
 import os
@@ -22,9 +23,8 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO, write_params
+from tests.helpers import REPO, write_params
 
-pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 TRAIN = ["-m", "pipeline.train", "--variant", "conv"]
 EPOCHS = 3
@@ -45,8 +45,16 @@ class Launched:
     def start(self, cmd, cwd, env=None, **kwargs):
         full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
         full_env.update({"OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})})
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True, **kwargs)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            **kwargs,
+        )
         self.procs.append(proc)
         return proc
 
@@ -88,7 +96,9 @@ def wait_for(condition, procs, timeout, what):
     deadline = time.time() + timeout
     while not condition():
         for proc in procs:
-            assert proc.poll() is None, f"{proc.args} exited {proc.returncode} before {what}:\n{proc.communicate()[0][-3000:]}"
+            assert proc.poll() is None, (
+                f"{proc.args} exited {proc.returncode} before {what}:\n{proc.communicate()[0][-3000:]}"
+            )
         assert time.time() < deadline, f"no {what} after {timeout} s"
         time.sleep(0.1)
 
@@ -100,7 +110,18 @@ def node_folders(tmp_path, prepared_mnist, count, train):
     for rank in range(count):
         folder = tmp_path / f"node{rank}"
         shutil.copytree(prepared_mnist, folder / "data" / "prepared")
-        write_params(folder, {"train": {"epochs": EPOCHS, "limit_train_batches": 10, "limit_val_batches": 2, "accelerator": "cpu", **train}})
+        write_params(
+            folder,
+            {
+                "train": {
+                    "epochs": EPOCHS,
+                    "limit_train_batches": 10,
+                    "limit_val_batches": 2,
+                    "accelerator": "cpu",
+                    **train,
+                }
+            },
+        )
         folders.append(folder)
     return folders
 
@@ -112,14 +133,25 @@ def mlflow_runs(folder):
 
 def torchrun_nodes(launched, folders, port):
     """The README's recipe, ``scripts/cluster/torchrun_train.sh``, on every node."""
-    env = {"NNODES": str(len(folders)), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "VARIANT": "conv", "PYTHON_BIN": str(BIN)}
+    env = {
+        "NNODES": str(len(folders)),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "VARIANT": "conv",
+        "PYTHON_BIN": str(BIN),
+    }
     procs = []
     for rank, folder in enumerate(folders):
         shutil.copytree(REPO / "scripts", folder / "scripts", dirs_exist_ok=True)
-        procs.append(launched.start([folder / "scripts" / "cluster" / "torchrun_train.sh"], cwd=folder, env={**env, "NODE_RANK": str(rank)}))
+        procs.append(
+            launched.start(
+                [folder / "scripts" / "cluster" / "torchrun_train.sh"], cwd=folder, env={**env, "NODE_RANK": str(rank)}
+            )
+        )
     return procs
 
 
+@pytest.mark.slow
 def test_torchrun_nodes_with_their_own_checkpoint_folders_stop_at_once_naming_it(tmp_path, prepared_mnist, launched):
     folders = node_folders(tmp_path, prepared_mnist, 2, {"num_nodes": 2, "strategy": "ddp"})
     started = time.time()
@@ -133,12 +165,17 @@ def test_torchrun_nodes_with_their_own_checkpoint_folders_stop_at_once_naming_it
     assert not (folders[1] / "mlflow.db").exists(), "rank 1 touched the tracking store"
 
 
-def test_torchrun_nodes_sharing_a_checkpoint_folder_stop_together_and_resume_together(tmp_path, prepared_mnist, launched):
+@pytest.mark.slow
+def test_torchrun_nodes_sharing_a_checkpoint_folder_stop_together_and_resume_together(
+    tmp_path, prepared_mnist, launched
+):
     """Both nodes' torchrun get SIGTERM half a second apart (as a scheduler's stop reaches a job's
     nodes), pass it on to their ranks, and every rank stops at the same step; re-run, both resume
     from the same checkpoint into the same MLflow run."""
     shared = tmp_path / "shared-checkpoints"
-    folders = node_folders(tmp_path, prepared_mnist, 2, {"num_nodes": 2, "strategy": "ddp", "checkpoint_dir": str(shared)})
+    folders = node_folders(
+        tmp_path, prepared_mnist, 2, {"num_nodes": 2, "strategy": "ddp", "checkpoint_dir": str(shared)}
+    )
     nodes = torchrun_nodes(launched, folders, free_port())
     wait_for(lambda: (shared / "conv" / "seed-0" / "last.ckpt").exists(), nodes, timeout=300, what="first checkpoint")
     for proc in nodes:
@@ -154,7 +191,9 @@ def test_torchrun_nodes_sharing_a_checkpoint_folder_stop_together_and_resume_tog
     outputs = [finish(p, timeout=300) for p in again]
     for rank, (proc, out) in enumerate(zip(again, outputs)):
         assert proc.returncode == 0, out[-3000:]
-        assert f"rank {rank} of 2, MLflow run {killed.info.run_id}: resuming from {shared}/conv/seed-0/last.ckpt" in out, out[-3000:]
+        assert (
+            f"rank {rank} of 2, MLflow run {killed.info.run_id}: resuming from {shared}/conv/seed-0/last.ckpt" in out
+        ), out[-3000:]
     (run,) = mlflow_runs(folders[0])
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_top1")]
@@ -163,6 +202,7 @@ def test_torchrun_nodes_sharing_a_checkpoint_folder_stop_together_and_resume_tog
     assert not (folders[1] / "mlflow.db").exists() and not (folders[1] / "metrics").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_at_once_and_the_rerun_resumes(tmp_path, prepared_mnist, launched):
     """Lightning's own launcher (devices: 2): the signal reaches rank 1 only."""
     (folder,) = node_folders(tmp_path, prepared_mnist, 1, {"devices": 2, "strategy": "ddp"})
@@ -187,6 +227,7 @@ def test_sigterm_to_one_rank_stops_both_at_once_and_the_rerun_resumes(tmp_path, 
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_srun_tasks_never_restore_a_stale_requeue_checkpoint(tmp_path, prepared_mnist, launched):
     """Two tasks with the environment ``srun --ntasks 2`` gives them (no SLURM daemon here): Lightning's
     SLURM environment places them; an ``hpc_ckpt`` an older job left behind is not restored."""
@@ -196,10 +237,21 @@ def test_srun_tasks_never_restore_a_stale_requeue_checkpoint(tmp_path, prepared_
     (stale / "hpc_ckpt_1.ckpt").write_bytes(b"a requeue checkpoint of an older attempt")
     (folder / "hpc_ckpt_1.ckpt").write_bytes(b"and one in the project folder")
     port = free_port()
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242",
-             "SLURM_NODELIST": "127.0.0.1", "SLURM_NODEID": "0", "MASTER_PORT": str(port)}
-    tasks = [launched.start([sys.executable, *TRAIN], cwd=folder, env={**slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
-             for r in range(2)]
+    slurm = {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NODELIST": "127.0.0.1",
+        "SLURM_NODEID": "0",
+        "MASTER_PORT": str(port),
+    }
+    tasks = [
+        launched.start(
+            [sys.executable, *TRAIN], cwd=folder, env={**slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}
+        )
+        for r in range(2)
+    ]
     outputs = [finish(p, timeout=300) for p in tasks]
     for rank, (proc, out) in enumerate(zip(tasks, outputs)):
         assert proc.returncode == 0, out[-3000:]
@@ -217,9 +269,23 @@ def test_srun_tasks_never_restore_a_stale_requeue_checkpoint(tmp_path, prepared_
 @pytest.fixture
 def mlflow_server(tmp_path, launched):
     port = free_port()
-    server = launched.start([BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", port, "--workers", 1,
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", tmp_path / "server-artifacts"], cwd=tmp_path)
+    server = launched.start(
+        [
+            BIN / "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--workers",
+            1,
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            tmp_path / "server-artifacts",
+        ],
+        cwd=tmp_path,
+    )
     uri = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -237,16 +303,51 @@ def ray_cluster(tmp_path, launched):
     """A head and a worker node with token authentication, each with its own temp dir (short: Ray's
     sockets live there) and working folder. Yields the environment a driver needs; ``ray stop`` ends
     both nodes."""
-    port, head_dir, worker_dir = free_port(), tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")
+    port, head_dir, worker_dir = (
+        free_port(),
+        tempfile.mkdtemp(prefix="rh", dir="/tmp"),
+        tempfile.mkdtemp(prefix="rw", dir="/tmp"),
+    )
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     common = ["--num-cpus", 1, "--disable-usage-stats"]
     (tmp_path / "worker-node").mkdir()
     try:
-        head = launched.start([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port, "--temp-dir", head_dir,
-                               "--dashboard-host", "127.0.0.1", "--dashboard-port", free_port(), *common], cwd=tmp_path, env=auth)
+        head = launched.start(
+            [
+                BIN / "ray",
+                "start",
+                "--head",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                port,
+                "--temp-dir",
+                head_dir,
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                free_port(),
+                *common,
+            ],
+            cwd=tmp_path,
+            env=auth,
+        )
         assert head.wait(timeout=120) == 0, head.communicate()[0][-3000:]
-        worker = launched.start([BIN / "ray", "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                                 "--temp-dir", worker_dir, *common], cwd=tmp_path / "worker-node", env=auth)
+        worker = launched.start(
+            [
+                BIN / "ray",
+                "start",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--temp-dir",
+                worker_dir,
+                *common,
+            ],
+            cwd=tmp_path / "worker-node",
+            env=auth,
+        )
         assert worker.wait(timeout=120) == 0, worker.communicate()[0][-3000:]
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}
     finally:  # also when a node failed to start: the head's daemons outlive `ray start`
@@ -255,21 +356,38 @@ def ray_cluster(tmp_path, launched):
         shutil.rmtree(worker_dir, ignore_errors=True)
 
 
-def test_sweep_and_train_on_a_ray_cli_cluster_tracked_by_an_mlflow_server(dvc_project, ray_cluster, mlflow_server, launched):
+@pytest.mark.slow
+def test_sweep_and_train_on_a_ray_cli_cluster_tracked_by_an_mlflow_server(
+    dvc_project, ray_cluster, mlflow_server, launched
+):
     env = {**ray_cluster, "MLFLOW_TRACKING_URI": mlflow_server}
-    sweep = {"name": "t", "base": "attn", "space": {"kernel_size": [3, 5], "stem": ["conv"]}, "train": {"epochs": 2},
-             "scheduler": {"type": "fifo"}}
-    write_params(dvc_project, {"models": {"variants": {"conv": {"form": "conv"}, "attn": {"form": "conv_stem_attention"}}},
-                               "sweep": sweep})
+    sweep = {
+        "name": "t",
+        "base": "attn",
+        "space": {"kernel_size": [3, 5], "stem": ["conv"]},
+        "train": {"epochs": 2},
+        "scheduler": {"type": "fifo"},
+    }
+    write_params(
+        dvc_project,
+        {"models": {"variants": {"conv": {"form": "conv"}, "attn": {"form": "conv_stem_attention"}}}, "sweep": sweep},
+    )
     launched.start(["dvc", "repro", "prepare"], cwd=dvc_project).wait(timeout=300)
 
     relative = launched.start([sys.executable, "-m", "pipeline.sweep"], cwd=dvc_project, env=env)
     out = finish(relative, timeout=180)
-    assert relative.returncode == 2 and "sweep.storage_path='sweep/ray' is a folder of the head node's project" in out, out[-3000:]
+    assert (
+        relative.returncode == 2 and "sweep.storage_path='sweep/ray' is a folder of the head node's project" in out
+    ), out[-3000:]
 
     storage = dvc_project.parent / "shared-sweeps"  # one machine: every node sees this folder
-    write_params(dvc_project, {"models": {"variants": {"conv": {"form": "conv"}, "attn": {"form": "conv_stem_attention"}}},
-                               "sweep": {**sweep, "storage_path": str(storage)}})
+    write_params(
+        dvc_project,
+        {
+            "models": {"variants": {"conv": {"form": "conv"}, "attn": {"form": "conv_stem_attention"}}},
+            "sweep": {**sweep, "storage_path": str(storage)},
+        },
+    )
     repro = launched.start(["dvc", "repro", "sweep"], cwd=dvc_project, env=env)
     out = finish(repro, timeout=600)
     assert repro.returncode == 0, out[-5000:]
@@ -286,10 +404,16 @@ def test_sweep_and_train_on_a_ray_cli_cluster_tracked_by_an_mlflow_server(dvc_pr
     (parent,) = [r for r in runs if r.data.tags.get("sasa.kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("sasa.kind") == "sweep_trial"]
     assert parent.info.status == "FINISHED" and len(children) == 2
-    assert parent.data.params["sweep/base"] == "attn" and {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in rows}
+    assert parent.data.params["sweep/base"] == "attn" and {c.info.run_id for c in children} == {
+        r["mlflow_run_id"] for r in rows
+    }
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.info.status == "FINISHED"
-        assert child.data.metrics["flops"] > 0 and "val_top1" in child.data.metrics and child.data.params["train/epochs"] == "2"
+        assert (
+            child.data.metrics["flops"] > 0
+            and "val_top1" in child.data.metrics
+            and child.data.params["train/epochs"] == "2"
+        )
     assert not (dvc_project / "mlflow.db").exists(), "runs went to a local store instead of the server"
 
     train = launched.start(["dvc", "repro", "train@conv"], cwd=dvc_project, env=env)

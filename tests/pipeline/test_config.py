@@ -1,14 +1,19 @@
 """params.yaml is validated once, up front, with errors that name the key path."""
+
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from tests.conftest import REPO, write_params
+from tests.helpers import REPO, leaves, stage_params, within, write_params
 
 
 def test_the_projects_params_yaml_is_valid():
     cfg = load_config(REPO / "params.yaml")
-    assert {cfg.models.resolved(v).form_name for v in cfg.models.variants} == {"conv", "conv_stem_attention", "full_attention"}
+    assert {cfg.models.resolved(v).form_name for v in cfg.models.variants} == {
+        "conv",
+        "conv_stem_attention",
+        "full_attention",
+    }
     # repeated runs, and trials that pool with the variants: the same recipe, every trial to the end
     assert len(cfg.train.seeds) >= 3 and cfg.recipe(cfg.trial_train()) == cfg.recipe(cfg.train)
     assert cfg.sweep.scheduler.type == "fifo"
@@ -24,34 +29,67 @@ BAD = [
     ({"train": {"batch_size": "big"}}, "train.batch_size"),
     ({"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key"),
     ({"data": {"source": "imagenet"}}, "data.source"),
-    ({"mlflow": {"tracking_uri": "./mlruns"}}, "mlflow.tracking_uri: Value error, use a database URI .* a folder path or file:// URI"),
+    (
+        {"mlflow": {"tracking_uri": "./mlruns"}},
+        "mlflow.tracking_uri: Value error, use a database URI .* a folder path or file:// URI",
+    ),
     ({"mlflow": {"tracking_uri": "file:///tmp/mlruns"}}, "mlflow.tracking_uri: Value error, use a database URI"),
-    ({"mlflow": {"tracking_uri": "sqlite://mlflow.db"}}, "mlflow.tracking_uri: Value error, use a database URI .sqlite:///FILE"),
+    (
+        {"mlflow": {"tracking_uri": "sqlite://mlflow.db"}},
+        "mlflow.tracking_uri: Value error, use a database URI .sqlite:///FILE",
+    ),
     ({"mlflow": {"tracking_uri": "ftp://user:hunter2@host/x"}}, "got 'ftp://\\*\\*\\*@host/x'"),
-    ({"models": {"variants": {"conv": {"kernel_size": 4, "form": "full_attention"}}}}, "models.variants.conv: kernel_size"),
+    (
+        {"models": {"variants": {"conv": {"kernel_size": 4, "form": "full_attention"}}}},
+        "models.variants.conv: kernel_size",
+    ),
     ({"models": {"variants": {"conv": {"form": "hybrid"}}}}, "models.variants.conv: form='hybrid'"),
     ({"models": {"variants": {"conv": {"stem": "patchify"}}}}, "models.variants.conv: stem"),
     ({"models": {"variants": {"conv": {"heads": 3, "form": "full_attention"}}}}, "models.variants.conv: out_channels"),
-    ({"models": {"common": {"small_input": False}}}, "data.resolution=28 does not fit models.variants.conv: it needs at least 32 px"),
+    (
+        {"models": {"common": {"small_input": False}}},
+        "data.resolution=28 does not fit models.variants.conv: it needs at least 32 px",
+    ),
     ({"models": {"variants": {}}}, "models.variants"),
     ({"report": None}, "report: Input should be a valid dictionary"),
     ({"train": {"limit_train_batches": 1.5}}, "train.limit_train_batches"),
     ({"train": {"warmup_epochs": 3, "epochs": 2}}, "warmup_epochs=3.0 exceeds train.epochs=2"),
     ({"train": {"strategy": "dpp"}}, "train.strategy='dpp': unknown or unsupported strategy; allowed: auto, ddp"),
     ({"train": {"strategy": "ddp_spawn"}}, "train.strategy='ddp_spawn': unknown or unsupported strategy"),
-    ({"data": {"path": "/data/imagenet"}}, "data.path='/data/imagenet' is set but data.source is mnist5k, which ignores it"),
+    (
+        {"data": {"path": "/data/imagenet"}},
+        "data.path='/data/imagenet' is set but data.source is mnist5k, which ignores it",
+    ),
     ({"train": {"checkpoint_dir": ""}}, "train.checkpoint_dir"),
-    ({"sweep": {"space": {"kernel": [3, 5]}}}, "sweep.space: Value error, 'kernel' cannot be swept; allowed: form, stem"),
-    ({"sweep": {"space": {"lr": {"normal": [0, 1]}}}}, "sweep.space: Value error, lr: give a list .grid. or exactly one of choice"),
+    (
+        {"sweep": {"space": {"kernel": [3, 5]}}},
+        "sweep.space: Value error, 'kernel' cannot be swept; allowed: form, stem",
+    ),
+    (
+        {"sweep": {"space": {"lr": {"normal": [0, 1]}}}},
+        "sweep.space: Value error, lr: give a list .grid. or exactly one of choice",
+    ),
     ({"sweep": {"space": {"lr": {"loguniform": [0.1]}}}}, "lr: loguniform takes \\[low, high\\]"),
-    ({"sweep": {"space": {"kernel_size": {"randint": [3, 9]}}}}, "kernel_size: architecture keys take a list or choice"),
+    (
+        {"sweep": {"space": {"kernel_size": {"randint": [3, 9]}}}},
+        "kernel_size: architecture keys take a list or choice",
+    ),
     ({"sweep": {"space": {"lr": []}}}, "lr: an empty grid"),
     ({"sweep": {"base": "nope"}}, "sweep.base='nope' is not in models.variants; defined: conv"),
-    ({"sweep": {"metric": "val_loss", "mode": "max"}}, "sweep.mode='max' would pick the worst trial by val_loss; use mode: min"),
+    (
+        {"sweep": {"metric": "val_loss", "mode": "max"}},
+        "sweep.mode='max' would pick the worst trial by val_loss; use mode: min",
+    ),
     ({"sweep": {"train": {"epoch": 3}}}, "sweep: a trial's train values are invalid:\n  epoch: unknown key"),
-    ({"sweep": {"space": {"lr": [0.1, -1]}}}, "a trial's train values are invalid:\n  lr: Input should be greater than 0"),
+    (
+        {"sweep": {"space": {"lr": [0.1, -1]}}},
+        "a trial's train values are invalid:\n  lr: Input should be greater than 0",
+    ),
     ({"sweep": {"scheduler": {"grace_period": 2}}}, "sweep.scheduler.grace_period=2 exceeds the trials' 1 epochs"),
-    ({"sweep": {"space": {"kernel_size": [3, 4], "form": ["full_attention"]}}}, "sweep.space {'kernel_size': 4, 'form': 'full_attention'}: kernel_size must be odd"),
+    (
+        {"sweep": {"space": {"kernel_size": [3, 4], "form": ["full_attention"]}}},
+        "sweep.space {'kernel_size': 4, 'form': 'full_attention'}: kernel_size must be odd",
+    ),
     ({"sweep": {"resources": {"gpu": -1}}}, "sweep.resources.gpu"),
     ({"sweep": {"name": "a b"}}, "sweep.name"),
 ]
@@ -60,16 +98,27 @@ BAD = [
 @pytest.mark.parametrize("overrides,needle", BAD)
 def test_bad_values_name_the_key(tmp_path, overrides, needle):
     write_params(tmp_path, overrides)
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("}", r"\}")) as err:
+    with pytest.raises(
+        ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("}", r"\}")
+    ) as err:
         load_config(tmp_path / "params.yaml")
     assert "hunter2" not in str(err.value)
 
 
-@pytest.mark.parametrize("uri", [
-    "sqlite:///mlflow.db", "sqlite:////abs/mlflow.db", "postgresql://user:pw@db.example:5432/mlflow",
-    "postgresql+psycopg2://db/mlflow", "mysql+pymysql://user@db/mlflow", "mssql+pyodbc://db/mlflow",
-    "http://127.0.0.1:5000", "https://user:token@mlflow.example", "databricks",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:///mlflow.db",
+        "sqlite:////abs/mlflow.db",
+        "postgresql://user:pw@db.example:5432/mlflow",
+        "postgresql+psycopg2://db/mlflow",
+        "mysql+pymysql://user@db/mlflow",
+        "mssql+pyodbc://db/mlflow",
+        "http://127.0.0.1:5000",
+        "https://user:token@mlflow.example",
+        "databricks",
+    ],
+)
 def test_any_sqlalchemy_database_or_server_is_a_tracking_uri(tmp_path, uri):
     write_params(tmp_path, {"mlflow": {"tracking_uri": uri}})
     assert load_config(tmp_path / "params.yaml").mlflow.tracking_uri == uri
@@ -112,25 +161,6 @@ def test_fingerprint_changes_only_with_the_variants_own_settings(tmp_path):
     assert before.fingerprint("attn", 0) != after.fingerprint("attn", 0)
 
 
-def _leaves(params: dict, prefix="") -> set[str]:
-    out = set()
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        whole = name == "models.common" or name.startswith("models.variants.")  # architectures: tracked as one value each
-        out |= _leaves(value, f"{name}.") if isinstance(value, dict) and value and not whole else {name}
-    return out
-
-
-def _stage_params() -> dict[str, set[str]]:
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    return {"prepare": set(stages["prepare"]["params"]), "train": set(stages["train"]["do"]["params"]),
-            "sweep": set(stages["sweep"]["params"]), "report": set(stages["report"]["params"])}
-
-
-def _within(key: str, entry: str) -> bool:
-    return key == entry or key.startswith(f"{entry}.")
-
-
 @pytest.mark.parametrize("source", ["params.yaml", *sorted(p.name for p in (REPO / "configs").glob("*.yaml"))])
 def test_every_params_file_has_every_key_dvc_tracks(source, tmp_path):
     """DVC stops on a tracked key missing from params.yaml: the default and every preset's output
@@ -142,7 +172,7 @@ def test_every_params_file_has_every_key_dvc_tracks(source, tmp_path):
     else:
         apply(REPO / "configs" / source, out=tmp_path / "params.yaml")
         params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    present = _leaves(params)
-    for stage, listed in _stage_params().items():
-        missing = {e for e in listed if "${" not in e and not any(_within(k, e) for k in present)}
+    present = leaves(params)
+    for stage, listed in stage_params().items():
+        missing = {e for e in listed if "${" not in e and not any(within(k, e) for k in present)}
         assert not missing, (stage, missing)

@@ -1,4 +1,5 @@
 """The whole pipeline through real DVC: repro, caching, per-variant re-runs, report from MLflow."""
+
 import csv
 import json
 import sys
@@ -11,9 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.conftest import run_in_project, write_params
-
-pytestmark = pytest.mark.slow
+from tests.helpers import run_in_project, write_params
 
 
 def _sh(*cmd, cwd, check=True):
@@ -25,11 +24,16 @@ def _sh(*cmd, cwd, check=True):
 
 @pytest.fixture
 def project(dvc_project):
-    variants = {"conv": {"form": "conv"}, "attn": {"form": "full_attention"}, "bot": {"form": "conv", "attention_groups": [4], "mixer": "bot"}}
+    variants = {
+        "conv": {"form": "conv"},
+        "attn": {"form": "full_attention"},
+        "bot": {"form": "conv", "attention_groups": [4], "mixer": "bot"},
+    }
     write_params(dvc_project, {"models": {"variants": variants}, "train": {"epochs": 1}})
     return dvc_project
 
 
+@pytest.mark.slow
 def test_repro_status_rerun_report_and_experiments(project):
     """One project through the whole DVC story (each part needs the full `dvc repro` before it, the
     suite's slowest step, so they share it): repro, status, a cached re-run, a per-variant re-run,
@@ -41,9 +45,15 @@ def test_repro_status_rerun_report_and_experiments(project):
     rows = list(csv.DictReader((project / "reports" / "results.csv").open()))
     # one row per configuration; the sweep's k = 3 trial trained the conv variant's network with its recipe
     assert sorted(r["configuration"] for r in rows) == ["attn", "bot", "conv, tiny kernel_size=3"]
-    assert {r["configuration"]: r["kind"] for r in rows} == {"attn": "full_attention", "bot": "bot", "conv, tiny kernel_size=3": "conv"}
+    assert {r["configuration"]: r["kind"] for r in rows} == {
+        "attn": "full_attention",
+        "bot": "bot",
+        "conv, tiny kernel_size=3": "conv",
+    }
     md = (project / "reports" / "results.md").read_text()
-    assert "## Table 1: depth and form" in md and "| 4.7 / 13.7 / 74.5 |" in md and "| full attention | ResNet-26 |" in md
+    assert (
+        "## Table 1: depth and form" in md and "| 4.7 / 13.7 / 74.5 |" in md and "| full attention | ResNet-26 |" in md
+    )
     assert "| bot | resnet26 | conv | bot (4) |" in md and "| attn | resnet26 | attention | sasa (1, 2, 3, 4) |" in md
     assert "## Sweep trials" in md and "- *Table 4: spatial extent k*: no runs differ" in md
     for png in ("accuracy_vs_flops.png", "accuracy_vs_params.png", "sweep_accuracy_vs_flops.png"):
@@ -51,17 +61,26 @@ def test_repro_status_rerun_report_and_experiments(project):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
     reported = {run_id for r in rows for run_id in r["run_ids"].split()}
-    assert reported <= {r.info.run_id for r in runs if r.data.tags["sasa.kind"] in ("train", "sweep_trial")} and len(reported) == 3
+    assert (
+        reported <= {r.info.run_id for r in runs if r.data.tags["sasa.kind"] in ("train", "sweep_trial")}
+        and len(reported) == 3
+    )
     (trial,) = list(csv.DictReader((project / "sweep" / "results.csv").open()))
     assert trial["mlflow_run_id"] in {r.info.run_id for r in runs if r.data.tags["sasa.kind"] == "sweep_trial"}
     _train_runs_and_trials_line_up(project, runs)
 
     shown = json.loads(_sh("dvc", "metrics", "show", "--json", cwd=project).stdout)
-    table = shown[0]["data"]["reports/metrics.json"]["data"] if isinstance(shown, list) else shown[""]["data"]["reports/metrics.json"]["data"]
+    table = (
+        shown[0]["data"]["reports/metrics.json"]["data"]
+        if isinstance(shown, list)
+        else shown[""]["data"]["reports/metrics.json"]["data"]
+    )
     assert set(table) == {"conv", "attn", "bot", "tiny kernel_size=3"} and {"top1", "n", "mflops"} <= set(table["attn"])
     written = json.loads((project / "reports" / "metrics.json").read_text())  # strict JSON: one seed has no interval
     assert written["attn"]["n"] == 1 and written["attn"]["top1_ci95"] is None and written["attn"]["mflops"] > 0
-    assert table["attn"]["top1"] == pytest.approx(float({r["configuration"]: r for r in rows}["attn"]["top1"]), abs=1e-3)
+    assert table["attn"]["top1"] == pytest.approx(
+        float({r["configuration"]: r for r in rows}["attn"]["top1"]), abs=1e-3
+    )
     _sh("dvc", "plots", "show", "-o", str(project / "plots_html"), cwd=project)
     assert "up to date" in _sh("dvc", "status", cwd=project).stdout
 
@@ -92,13 +111,23 @@ def _train_runs_and_trials_line_up(project, runs):
     assert variant.data.tags["sasa.arch"] == trial.data.tags["sasa.arch"]  # the same network
     assert set(variant.data.params) == set(trial.data.params) and "arch/mixer_args" in variant.data.params
     assert {k: variant.data.params[k] for k in variant.data.params if k.startswith(("resolved/", "data/"))} == {
-        k: trial.data.params[k] for k in trial.data.params if k.startswith(("resolved/", "data/"))}
+        k: trial.data.params[k] for k in trial.data.params if k.startswith(("resolved/", "data/"))
+    }
     for run in (variant, trial):
-        assert {"top1", "top5", "num_params", "macs", "flops", "val_top1", "val_loss"} <= set(run.data.metrics) and "params" not in run.data.metrics
+        assert {"top1", "top5", "num_params", "macs", "flops", "val_top1", "val_loss"} <= set(
+            run.data.metrics
+        ) and "params" not in run.data.metrics
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1]  # epochs completed
-        assert run.data.tags["sasa.form"] == "conv" and run.data.tags["sasa.stem"] == "conv" and "sasa.k" not in run.data.tags
+        assert (
+            run.data.tags["sasa.form"] == "conv"
+            and run.data.tags["sasa.stem"] == "conv"
+            and "sasa.k" not in run.data.tags
+        )
         inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
-        assert sorted(i.tags[0].value for i in inputs) == ["train", "val"] and {i.dataset.name for i in inputs} == {"mnist5k-train", "mnist5k-val"}
+        assert sorted(i.tags[0].value for i in inputs) == ["train", "val"] and {i.dataset.name for i in inputs} == {
+            "mnist5k-train",
+            "mnist5k-val",
+        }
     assert by_name["attn seed 0"].data.tags["sasa.k"] == "3" and by_name["bot seed 0"].data.tags["sasa.mixer"] == "bot"
 
     for run in (variant, by_name["attn seed 0"]):
@@ -109,6 +138,7 @@ def _train_runs_and_trials_line_up(project, runs):
             assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
+@pytest.mark.slow
 def test_report_without_runs_fails_cleanly(project):
     proc = _sh(sys.executable, "-m", "pipeline.report", cwd=project, check=False)
     assert proc.returncode == 1 and "run the train stage first" in proc.stderr
@@ -134,7 +164,9 @@ def _experiments_carry_their_results_and_runs(project):
     run still lands in the project's store, tagged with the experiment's name. A workspace `dvc exp
     run -S` re-runs only what the changed keys feed; run-time knobs re-run nothing. `dvc exp show`,
     `dvc exp diff`, `dvc metrics diff` and `dvc plots diff` then compare the experiments' results."""
-    _sh("git", "add", "-A", cwd=project)  # what the README says to commit: dvc.lock, metrics/, reports/, sweep/results.csv
+    _sh(
+        "git", "add", "-A", cwd=project
+    )  # what the README says to commit: dvc.lock, metrics/, reports/, sweep/results.csv
     _sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline results", cwd=project)
     assert "reports/metrics.json" in _sh("git", "ls-files", cwd=project).stdout
 
@@ -143,8 +175,12 @@ def _experiments_carry_their_results_and_runs(project):
     try:
         deadline = time.monotonic() + QUEUE_DEADLINE_S
         while "Success" not in (status := _sh("dvc", "queue", "status", cwd=project).stdout):
-            assert "Failed" not in status, _sh("dvc", "queue", "logs", "bot-34", cwd=project, check=False).stdout[-5000:]
-            assert time.monotonic() < deadline, f"the queued experiment did not finish in {QUEUE_DEADLINE_S} s:\n{status}"
+            assert "Failed" not in status, _sh("dvc", "queue", "logs", "bot-34", cwd=project, check=False).stdout[
+                -5000:
+            ]
+            assert time.monotonic() < deadline, (
+                f"the queued experiment did not finish in {QUEUE_DEADLINE_S} s:\n{status}"
+            )
             time.sleep(3)
     finally:
         _sh("dvc", "queue", "stop", "--kill", cwd=project, check=False)
@@ -154,8 +190,20 @@ def _experiments_carry_their_results_and_runs(project):
     assert queued.data.tags["sasa.variant"] == "bot" and queued.info.status == "FINISHED"
     assert mlflow.pytorch.load_model(f"runs:/{queued.info.run_id}/model") is not None  # its artifacts outlived the copy
 
-    run = _sh("dvc", "exp", "run", "-n", "labels-off", "-S", "report.label_points=false", "-S", "data.num_workers=1",
-              "-S", "train.progress_bar=false", cwd=project)
+    run = _sh(
+        "dvc",
+        "exp",
+        "run",
+        "-n",
+        "labels-off",
+        "-S",
+        "report.label_points=false",
+        "-S",
+        "data.num_workers=1",
+        "-S",
+        "train.progress_bar=false",
+        cwd=project,
+    )
     ran = sorted(line.split("'")[1] for line in run.stdout.splitlines() if line.startswith("Running stage"))
     assert ran == ["report"], run.stdout
 

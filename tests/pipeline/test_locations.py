@@ -1,8 +1,9 @@
 """Where stores live (also from a temporary DVC experiment's copy) and URIs shown without credentials."""
+
 import pytest
 
 from pipeline.locations import in_project, project_root, redact, resolve_tracking_uri
-from tests.conftest import run_module, write_params
+from tests.helpers import run_module, write_params
 
 
 def test_a_temporary_experiment_copy_resolves_to_the_project_it_was_made_from(tmp_path, monkeypatch):
@@ -20,7 +21,16 @@ def test_a_temporary_experiment_copy_resolves_to_the_project_it_was_made_from(tm
     assert project_root() == tmp_path
 
 
-@pytest.mark.parametrize("given", ["sqlite:////data/mlflow.db", "http://127.0.0.1:5000", "postgresql://db/mlflow", "s3://bucket/sweeps", "/shared/sweeps"])
+@pytest.mark.parametrize(
+    "given",
+    [
+        "sqlite:////data/mlflow.db",
+        "http://127.0.0.1:5000",
+        "postgresql://db/mlflow",
+        "s3://bucket/sweeps",
+        "/shared/sweeps",
+    ],
+)
 def test_absolute_paths_and_remote_uris_stay_as_given(given, tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc" / "tmp" / "exps" / "tmp1"))
     assert resolve_tracking_uri(given) == given
@@ -28,22 +38,32 @@ def test_absolute_paths_and_remote_uris_stay_as_given(given, tmp_path, monkeypat
         assert in_project(given) == given
 
 
-@pytest.mark.parametrize("uri,shown", [
-    ("https://alice:s3cret@mlflow.example:5000/path", "https://***@mlflow.example:5000/path"),
-    ("https://TOKEN@mlflow.example", "https://***@mlflow.example"),
-    ("postgresql+psycopg2://alice:s3cret@db:5432/mlflow?sslmode=require", "postgresql+psycopg2://***@db:5432/mlflow?sslmode=require"),
-    ("mysql://db/mlflow?user=alice&password=s3cret", "mysql://db/mlflow?user=alice&password=***"),
-    ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
-    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
-])
+@pytest.mark.parametrize(
+    "uri,shown",
+    [
+        ("https://alice:s3cret@mlflow.example:5000/path", "https://***@mlflow.example:5000/path"),
+        ("https://TOKEN@mlflow.example", "https://***@mlflow.example"),
+        (
+            "postgresql+psycopg2://alice:s3cret@db:5432/mlflow?sslmode=require",
+            "postgresql+psycopg2://***@db:5432/mlflow?sslmode=require",
+        ),
+        ("mysql://db/mlflow?user=alice&password=s3cret", "mysql://db/mlflow?user=alice&password=***"),
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ],
+)
 def test_credentials_in_a_uri_are_never_shown(uri, shown):
     assert redact(uri) == shown
 
 
+@pytest.mark.slow
 def test_a_database_without_its_driver_stops_the_stage_before_any_work_without_showing_the_password(workdir):
     write_params(workdir, {"mlflow": {"tracking_uri": "postgresql+nosuchdriver://alice:s3cret@127.0.0.1:9/mlflow"}})
     proc = run_module("pipeline.train", "--variant", "conv", cwd=workdir)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "mlflow.tracking_uri=postgresql+nosuchdriver://***@127.0.0.1:9/mlflow: its database driver is not installed" in proc.stderr
+    assert (
+        "mlflow.tracking_uri=postgresql+nosuchdriver://***@127.0.0.1:9/mlflow: its database driver is not installed"
+        in proc.stderr
+    )
     assert "s3cret" not in proc.stdout + proc.stderr
     assert not (workdir / "checkpoints").exists() and not (workdir / "metrics").exists()

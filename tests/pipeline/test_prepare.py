@@ -1,5 +1,6 @@
 """The prepare stage's three sources, built from real bundled digits or files the test writes,
 and its checks of every file: bad ones are all reported, then fail the stage or are skipped."""
+
 import io
 import json
 import pickle
@@ -13,7 +14,7 @@ from PIL import Image
 from pipeline.config import ConfigError, load_config
 from pipeline.data import PreparedDataModule
 from pipeline.prepare import main, prepare
-from tests.conftest import write_params
+from tests.helpers import write_params
 
 CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
@@ -31,7 +32,9 @@ def test_mnist5k_split_is_stratified_and_deterministic(prepared_mnist, tmp_path)
     write_params(tmp_path)
     again = prepare(load_config(tmp_path / "params.yaml"), out=tmp_path / "again")
     assert again == meta
-    assert np.array_equal(np.load(tmp_path / "again" / "val.npz")["images"], np.load(prepared_mnist / "val.npz")["images"])
+    assert np.array_equal(
+        np.load(tmp_path / "again" / "val.npz")["images"], np.load(prepared_mnist / "val.npz")["images"]
+    )
 
 
 def test_imagefolder_from_written_files(tmp_path):
@@ -41,8 +44,12 @@ def test_imagefolder_from_written_files(tmp_path):
         for c in classes:
             (tmp_path / "imgs" / split / c).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "imgs" / split / c / f"{i}.JPEG")
-    write_params(tmp_path, {"data": {"source": "imagefolder", "path": str(tmp_path / "imgs"), "resolution": 32, "hflip": True}})
+                Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / c / f"{i}.JPEG"
+                )
+    write_params(
+        tmp_path, {"data": {"source": "imagefolder", "path": str(tmp_path / "imgs"), "resolution": 32, "hflip": True}}
+    )
     meta = prepare(load_config(tmp_path / "params.yaml"), out=tmp_path / "data" / "prepared")
     assert meta["classes"] == classes and meta["counts"] == {"train": 12, "val": 6}
     dm = _module(tmp_path)
@@ -62,12 +69,16 @@ def _write_cifar(tmp_path, on_bad_file="fail"):
     for name in CIFAR_BATCHES:
         batch = {b"data": rng.integers(0, 255, (10, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, 10).tolist()}
         if name == "test_batch":
-            (root / name).write_bytes(pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+            (root / name).write_bytes(
+                pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            )
         else:
             (root / name).write_bytes(pickle.dumps(batch))
     labels = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": labels}))
-    write_params(tmp_path, {"data": {"source": "cifar10", "path": str(root), "resolution": 32, "on_bad_file": on_bad_file}})
+    write_params(
+        tmp_path, {"data": {"source": "cifar10", "path": str(root), "resolution": 32, "on_bad_file": on_bad_file}}
+    )
     return root
 
 
@@ -132,7 +143,9 @@ def _bad_imagefolder(tmp_path, on_bad_file):
     }
     for path, data in bad.items():
         path.write_bytes(data)
-    write_params(tmp_path, {"data": {"source": "imagefolder", "path": str(root), "resolution": 32, "on_bad_file": on_bad_file}})
+    write_params(
+        tmp_path, {"data": {"source": "imagefolder", "path": str(root), "resolution": 32, "on_bad_file": on_bad_file}}
+    )
     return [*bad, root / "val" / "eel", root / "val" / "fox"]
 
 
@@ -143,7 +156,10 @@ def test_imagefolder_bad_files_fail_the_stage_and_are_all_listed(tmp_path, capsy
     err = capsys.readouterr().err
     for path in bad:
         assert f"{path}: " in err
-    assert f"{bad[0]}: cannot decode: image file is truncated" in err and f"{bad[1]}: cannot decode: image file is truncated" in err
+    assert (
+        f"{bad[0]}: cannot decode: image file is truncated" in err
+        and f"{bad[1]}: cannot decode: image file is truncated" in err
+    )
     assert f"{bad[2]}: zero bytes" in err and f"{bad[4]}: empty class folder" in err
     assert f"{bad[5]}: class 'fox' is not among train/'s classes" in err
     assert not (tmp_path / "out").exists()
@@ -164,7 +180,9 @@ def test_imagefolder_bad_files_are_skipped_and_training_reads_the_rest(tmp_path,
     bad = _bad_imagefolder(tmp_path, "skip")
     out = tmp_path / "data" / "prepared"
     meta = prepare(load_config(tmp_path / "params.yaml"), out=out)
-    assert meta["counts"] == {"train": 9, "val": 4} and meta["skipped"] == 6 and meta["classes"] == ["cat", "dog", "eel"]
+    assert (
+        meta["counts"] == {"train": 9, "val": 4} and meta["skipped"] == 6 and meta["classes"] == ["cat", "dog", "eel"]
+    )
     assert f"skipped 6 bad file(s) (listed in {out / 'bad_files.json'})" in capsys.readouterr().err
     listed = json.loads((out / "bad_files.json").read_text())
     assert sorted(row["path"] for row in listed) == sorted(map(str, bad)) and all(row["reason"] for row in listed)
@@ -246,7 +264,9 @@ def test_many_bad_files_are_summarised_and_all_written_outside_the_output(tmp_pa
     for i in range(25):
         (root / "train" / "cat" / f"{i:02}.png").write_bytes(b"")
     write_params(tmp_path, {"data": {"source": "imagefolder", "path": str(root)}})
-    with pytest.raises(ConfigError, match=r"25 bad file\(s\) in data.path, listed above \(all of them in (.+)\)") as error:
+    with pytest.raises(
+        ConfigError, match=r"25 bad file\(s\) in data.path, listed above \(all of them in (.+)\)"
+    ) as error:
         prepare(load_config(tmp_path / "params.yaml"), out=tmp_path / "out")
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 21 and lines[-1] == "... and 5 more"

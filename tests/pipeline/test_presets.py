@@ -1,5 +1,6 @@
 """The ready params files under configs/ are valid (every variant and sweep architecture builds)
 and say what the paper did; the recipe's knobs do what they say in a real Trainer."""
+
 import functools
 
 import lightning.pytorch as pl
@@ -11,7 +12,7 @@ from pipeline.config import DataConfig, TrainConfig, load_config, validate
 from pipeline.data import PreparedDataModule
 from pipeline.module import Classifier, build_trainer
 from sasa.paper import STEM_ABLATION, TABLE3, TABLE4, TABLE5
-from tests.conftest import REPO, TINY, run_module
+from tests.helpers import REPO, TINY, run_module
 
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -55,6 +56,7 @@ def test_the_cpu_study_repeats_every_ablation_over_five_seeds():
     assert _swept_and_base(cfg, "kernel_size") == {3, 5, 7}
 
 
+@pytest.mark.slow
 def test_applying_a_preset_writes_a_valid_params_file_and_a_bad_one_changes_nothing(tmp_path):
     out = tmp_path / "params.yaml"
     ok = run_module("pipeline.preset", str(REPO / "configs" / "table5.yaml"), "--out", str(out), cwd=tmp_path)
@@ -78,7 +80,9 @@ def test_the_imagenet_preset_is_the_papers_recipe_and_table1():
     assert (t.epochs, t.warmup_epochs, t.optimizer, t.nesterov) == (130, 10, "sgd", True)
     assert (t.ema_decay, t.bn_decay, t.sync_batchnorm, cfg.data.resolution) == (0.9999, 0.9999, True, 224)
     table1 = {(a.model_name, a.form_name) for a in (cfg.models.resolved(v) for v in cfg.models.variants)}
-    assert table1 == {(m, f) for m in ("resnet26", "resnet38", "resnet50") for f in ("conv", "conv_stem_attention", "full_attention")}
+    assert table1 == {
+        (m, f) for m in ("resnet26", "resnet38", "resnet50") for f in ("conv", "conv_stem_attention", "full_attention")
+    }
 
 
 class _RecordLr(pl.Callback):
@@ -89,8 +93,19 @@ class _RecordLr(pl.Callback):
 
 
 def test_lr_scales_with_the_global_batch_and_bn_decay_reaches_every_norm(prepared_mnist):
-    train = TrainConfig(**{**TINY["train"], "epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1,
-                           "lr": 0.4, "lr_reference_batch": 128, "batch_size": 32, "bn_decay": 0.9999, "warmup_epochs": 0})
+    train = TrainConfig(
+        **{
+            **TINY["train"],
+            "epochs": 1,
+            "limit_train_batches": 1,
+            "limit_val_batches": 1,
+            "lr": 0.4,
+            "lr_reference_batch": 128,
+            "batch_size": 32,
+            "bn_decay": 0.9999,
+            "warmup_epochs": 0,
+        }
+    )
     module = Classifier({**TINY["models"]["common"], "form": "conv"}, 10, 1, train.model_dump(), resolution=28)
     norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.momentum == pytest.approx(1e-4) for m in norms)

@@ -1,6 +1,7 @@
 """The report's tables from small real runs: variants trained by the train stage and trials of a
 real Ray Tune sweep, pooled by resolved architecture, with intervals and tests recomputed here from
 the runs' own metrics in MLflow."""
+
 import csv
 
 import mlflow
@@ -13,9 +14,7 @@ from pipeline.report.render import tables_markdown
 from pipeline.report.runs import load_runs
 from pipeline.report.tables import TABLES, paper_tables
 from pipeline.stats import compare, estimate
-from tests.conftest import run_module, write_params
-
-pytestmark = pytest.mark.slow
+from tests.helpers import run_module, write_params
 
 VARIANTS = {
     "conv": {"form": "conv"},
@@ -28,7 +27,9 @@ VARIANTS = {
 
 
 def _top1_by_seed(client, experiment_id, tag, value):
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'")
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'"
+    )
     return {int(r.data.tags["sasa.seed"]): 100 * r.data.metrics["top1"] for r in runs}
 
 
@@ -41,15 +42,24 @@ def _row(md, section, first_cell, block=None):
     return line
 
 
+@pytest.mark.slow
 def test_every_table_renders_from_variants_and_sweep_trials(workdir):
     from pipeline.train import train
 
-    write_params(workdir, {
-        "models": {"variants": VARIANTS},
-        "train": {"seeds": [0, 1], "epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db"},
-        "sweep": {"base": "csa", "space": {"kernel_size": [5]}, "train": {}, "scheduler": {"type": "fifo", "grace_period": 1}},
-    })
+    write_params(
+        workdir,
+        {
+            "models": {"variants": VARIANTS},
+            "train": {"seeds": [0, 1], "epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1},
+            "mlflow": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db"},
+            "sweep": {
+                "base": "csa",
+                "space": {"kernel_size": [5]},
+                "train": {},
+                "scheduler": {"type": "fifo", "grace_period": 1},
+            },
+        },
+    )
     cfg = load_config("params.yaml")
     for variant in VARIANTS:
         train(cfg, variant)
@@ -71,7 +81,11 @@ def test_every_table_renders_from_variants_and_sweep_trials(workdir):
     # Table 4 pools the k = 3 variant and the k = 5 trials; the baseline is the better mean
     k3_row, k5_row = _row(md, "Table 4", "3"), _row(md, "Table 4", "5")
     assert str(estimate(list(by_variant["csa"].values()))) in k3_row and str(estimate(list(k5.values()))) in k5_row
-    best, other = (k3_row, k5_row) if estimate(list(by_variant["csa"].values())).mean >= estimate(list(k5.values())).mean else (k5_row, k3_row)
+    best, other = (
+        (k3_row, k5_row)
+        if estimate(list(by_variant["csa"].values())).mean >= estimate(list(k5.values())).mean
+        else (k5_row, k3_row)
+    )
     assert "| baseline |" in best and "paired t-test over seeds" in other and "n = 2 pairs" in other
     assert "6.6 G / 18.0 M / 76.4" in k3_row  # the paper's k = 3 beside ours
 
@@ -86,12 +100,16 @@ def test_every_table_renders_from_variants_and_sweep_trials(workdir):
 
     # Table 3, Table 5 and the stem ablation, each against its baseline
     # (Table 3 only where a mixed row is: all conv against all attention is Table 1's comparison)
-    assert expected.verdict() in _row(md, "Table 3", "1, 2, 3, 4") and "| baseline |" in _row(md, "Table 3", "none (all conv)")
+    assert expected.verdict() in _row(md, "Table 3", "1, 2, 3, 4") and "| baseline |" in _row(
+        md, "Table 3", "none (all conv)"
+    )
     assert compare(by_variant["g34"], by_variant["conv"]).verdict() in _row(md, "Table 3", "3, 4")
     assert "pos_enc = absolute" not in md.split("## Table 3", 1)[1].split("\n## ", 1)[0]
     assert compare(by_variant["abs"], by_variant["csa"]).verdict() in _row(md, "Table 5", "absolute")
     assert compare(by_variant["plain"], by_variant["full"]).verdict() in _row(md, "Stem ablation", "attention_plain")
-    assert "| 76.2 |" in _row(md, "Stem ablation", "attention_plain") and "| baseline |" in _row(md, "Stem ablation", "attention")
+    assert "| 76.2 |" in _row(md, "Stem ablation", "attention_plain") and "| baseline |" in _row(
+        md, "Stem ablation", "attention"
+    )
 
     rows = list(csv.DictReader((workdir / "reports" / "results.csv").open()))
     assert len(rows) == len(VARIANTS) + 1 and all(r["n"] == "2" for r in rows)  # six variants and the k = 5 trials

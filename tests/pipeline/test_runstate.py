@@ -1,5 +1,6 @@
 """The run record the train stage and the sweep resume from: local files and fsspec URLs, a clear error
 for a damaged one, and the one resume-or-start decision both stages make with it."""
+
 import json
 
 import fsspec
@@ -12,12 +13,18 @@ from pipeline.stage import StageError
 SWEEP_FIELDS = ("fingerprint", "run_id", "experiment")
 
 
-@pytest.mark.parametrize("content,fields", [
-    ("{not json", None), ("[1, 2]", None), ('{"fingerprint": "abc"}', None), ("\xff\xfe", None),
-    ('{"fingerprint": "f", "run_id": 7}', None),
-    ('{"fingerprint": "f", "run_id": "r", "finished": true, "result": [0.9]}', None),
-    ('{"fingerprint": "f", "run_id": "r"}', SWEEP_FIELDS),  # a sweep's record without its Tune experiment
-])
+@pytest.mark.parametrize(
+    "content,fields",
+    [
+        ("{not json", None),
+        ("[1, 2]", None),
+        ('{"fingerprint": "abc"}', None),
+        ("\xff\xfe", None),
+        ('{"fingerprint": "f", "run_id": 7}', None),
+        ('{"fingerprint": "f", "run_id": "r", "finished": true, "result": [0.9]}', None),
+        ('{"fingerprint": "f", "run_id": "r"}', SWEEP_FIELDS),  # a sweep's record without its Tune experiment
+    ],
+)
 def test_a_damaged_record_is_an_error_naming_the_file_and_the_fix(tmp_path, content, fields):
     path = tmp_path / "run.json"
     path.write_bytes(content.encode("latin-1"))

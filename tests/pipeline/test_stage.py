@@ -1,4 +1,5 @@
 """What every stage shares: SIGTERM ends a stage like Ctrl-C, and outputs appear whole or not at all."""
+
 import signal
 import threading
 import time
@@ -6,7 +7,7 @@ import time
 import pytest
 
 from pipeline.stage import atomic_dir, atomic_write_text, run_stage
-from tests.conftest import write_params
+from tests.helpers import write_params
 
 
 def test_sigterm_takes_the_ctrl_c_path_and_exits_130(tmp_path, capsys):
@@ -59,7 +60,14 @@ def test_leftovers_of_a_killed_attempt_are_removed_by_the_next(tmp_path):
     assert [p.name for p in (tmp_path / "metrics").iterdir()] == ["conv.json"]
 
 
-@pytest.mark.parametrize("text,why", [('{"format": "array", "coun', "corrupt \\(Unterminated"), ("[1, 2]", "corrupt \\(it lacks format"), ('{"format": "array"}', "corrupt \\(it lacks counts")])
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ('{"format": "array", "coun', "corrupt \\(Unterminated"),
+        ("[1, 2]", "corrupt \\(it lacks format"),
+        ('{"format": "array"}', "corrupt \\(it lacks counts"),
+    ],
+)
 def test_a_corrupt_meta_json_names_the_file_and_the_fix(tmp_path, text, why):
     """Cut short by a full disk or edited by hand: the stages say which file and what to do."""
     from pipeline import preflight

@@ -1,4 +1,5 @@
 """The report's statistics against cases worked out by hand."""
+
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """The sweep stage against a real local Ray runtime: a killed trial, a stopped driver (twice), DDP trials.
 A cluster of `ray start` nodes is in test_cluster.py."""
+
 import csv
 import json
 import signal
@@ -14,9 +15,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.sweep_results import best_trial
-from tests.conftest import run_module, write_params
-
-pytestmark = pytest.mark.slow
+from tests.helpers import run_module, write_params
 
 GRID = {"kernel_size": [3, 5], "stem": ["conv", "attention"]}
 
@@ -60,14 +59,24 @@ def _wait_for(condition, proc, timeout=300):
 
 
 def _trial_workers():
-    return [p for p in psutil.process_iter(["cmdline"]) if any("ImplicitFunc" in part for part in p.info["cmdline"] or [])]
+    return [
+        p for p in psutil.process_iter(["cmdline"]) if any("ImplicitFunc" in part for part in p.info["cmdline"] or [])
+    ]
 
 
+@pytest.mark.slow
 def test_a_killed_trial_is_retried_from_its_last_checkpoint(workdir):
     """The trial trains as the train stage would, with its train section: here a weight EMA."""
-    _sweep_params(workdir, space={"kernel_size": [3]}, train={"epochs": 3, "limit_train_batches": 8, "ema_decay": 0.9},
-                  scheduler={"type": "fifo"}, max_failures=2)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _sweep_params(
+        workdir,
+        space={"kernel_size": [3]},
+        train={"epochs": 3, "limit_train_batches": 8, "ema_decay": 0.9},
+        scheduler={"type": "fifo"},
+        max_failures=2,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.sweep"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(lambda: any(len(h) >= 1 for h in _trial_histories(workdir).values()), proc)
     (worker,) = _trial_workers()
     worker.kill()  # the trial's process dies after its first epoch
@@ -87,9 +96,12 @@ def test_a_killed_trial_is_retried_from_its_last_checkpoint(workdir):
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(child.info.run_id, "val_top1")]
     assert sorted(steps) == [1, 2, 3]
     (checkpoint,) = (workdir / "sweep" / "ray").glob("*/*/checkpoint_*/last.ckpt")
-    assert "averaging_state" in torch.load(checkpoint, map_location="cpu", weights_only=True), "the trial trained without EMA"
+    assert "averaging_state" in torch.load(checkpoint, map_location="cpu", weights_only=True), (
+        "the trial trained without EMA"
+    )
 
 
+@pytest.mark.slow
 def test_a_stopped_driver_marks_its_runs_killed_and_resumes_only_the_unfinished_trials(workdir):
     """SIGTERM (a scheduler's stop; Ctrl-C takes the same path). A SIGKILLed driver resumes the same
     way, from Tune's periodically saved experiment state, but leaves its runs RUNNING. The trials
@@ -135,6 +147,7 @@ def test_a_stopped_driver_marks_its_runs_killed_and_resumes_only_the_unfinished_
     assert parent.data.metrics["best_trial_top1"] == pytest.approx(float(best["top1"]) / 100)
 
 
+@pytest.mark.slow
 def test_a_trial_can_be_a_ddp_job_of_ray_train_workers(workdir):
     _sweep_params(workdir, space={"kernel_size": [3]}, resources={"workers": 2, "cpu": 0.5}, max_concurrent_trials=1)
     proc = run_module("pipeline.sweep", cwd=workdir)

@@ -1,4 +1,5 @@
 """The train stage through the real Lightning Trainer and a real SQLite MLflow store."""
+
 import json
 import os
 import random
@@ -19,9 +20,7 @@ import torch
 
 import sasa
 from pipeline.checkpoints import AtomicCheckpointIO
-from tests.conftest import TINY, run_module, write_params
-
-pytestmark = pytest.mark.slow
+from tests.helpers import TINY, run_module, write_params
 
 
 def _runs(workdir, experiment="test"):
@@ -29,19 +28,38 @@ def _runs(workdir, experiment="test"):
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
+@pytest.mark.slow
 def test_train_tracks_every_metric_param_tag_and_the_best_checkpoint(workdir):
     subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"], cwd=workdir, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+        cwd=workdir,
+        check=True,
+    )
     proc = run_module("pipeline.train", "--variant", "conv", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((workdir / "metrics" / "conv.json").read_text())
     (run,) = _runs(workdir)
     assert run.info.status == "FINISHED" and run.info.run_id == summary["seeds"]["0"]["run_id"]
     metrics = run.data.metrics
-    for name in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "train_images_per_s",
-                 "top1", "top5", "num_params", "macs", "flops", "throughput_images_per_s"):
+    for name in (
+        "train_loss",
+        "train_top1",
+        "val_loss",
+        "val_top1",
+        "val_top5",
+        "train_images_per_s",
+        "top1",
+        "top5",
+        "num_params",
+        "macs",
+        "flops",
+        "throughput_images_per_s",
+    ):
         assert name in metrics, name
-    assert metrics["flops"] == 2 * metrics["macs"] == summary["flops"] > 0 and metrics["num_params"] == summary["params"]
+    assert (
+        metrics["flops"] == 2 * metrics["macs"] == summary["flops"] > 0 and metrics["num_params"] == summary["params"]
+    )
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
     params = run.data.params
     assert params["arch/form"] == "conv" and params["train/epochs"] == "2" and params["data/source"] == "mnist5k"
@@ -58,6 +76,7 @@ def test_train_tracks_every_metric_param_tag_and_the_best_checkpoint(workdir):
     assert all(torch.equal(v, ckpt["state_dict"][f"model.{k}"]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(workdir):
     write_params(workdir, {"train": {"devices": 2, "strategy": "ddp", "epochs": 1}})
     proc = run_module("pipeline.train", "--variant", "conv", cwd=workdir)
@@ -74,11 +93,14 @@ def _final_state(folder):
     client = mlflow.MlflowClient()
     # A kill after an epoch's metrics reached MLflow but before its checkpoint did makes the resumed
     # run log that epoch again: the same (step, value), which a set counts once.
-    history = {k: sorted({(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)})
-               for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")}
+    history = {
+        k: sorted({(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)})
+        for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
+    }
     return ckpt, run, history
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_rerun_ends_bit_identical_to_an_uninterrupted_run(workdir, tmp_path_factory):
     params = {"train": {"epochs": 3, "limit_train_batches": 12, "limit_val_batches": 4}}
     write_params(workdir, params)
@@ -87,8 +109,12 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bit_identical_to_an_uninterrup
     done = run_module("pipeline.train", "--variant", "conv", cwd=reference)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--variant", "conv"], cwd=workdir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--variant", "conv"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = workdir / "checkpoints" / "conv" / "seed-0" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -113,7 +139,9 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bit_identical_to_an_uninterrup
     assert ckpt["state_dict"].keys() == ref_ckpt["state_dict"].keys()
     for key, value in ckpt["state_dict"].items():
         assert torch.equal(value, ref_ckpt["state_dict"][key]), key
-    for state, ref_state in zip(ckpt["optimizer_states"][0]["state"].values(), ref_ckpt["optimizer_states"][0]["state"].values()):
+    for state, ref_state in zip(
+        ckpt["optimizer_states"][0]["state"].values(), ref_ckpt["optimizer_states"][0]["state"].values()
+    ):
         assert all(torch.equal(state[k], ref_state[k]) for k in state)
     summary, ref_summary = (json.loads((f / "metrics" / "conv.json").read_text()) for f in (workdir, reference))
     assert (summary["top1"], summary["top5"]) == (ref_summary["top1"], ref_summary["top5"])
@@ -121,8 +149,13 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bit_identical_to_an_uninterrup
 
 def _sigterm_once_written(workdir, path):
     """Start the train stage, SIGTERM it as soon as ``path`` exists; the process and its stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--variant", "conv"], cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--variant", "conv"],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not path.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -131,6 +164,7 @@ def _sigterm_once_written(workdir, path):
     return proc, err
 
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_killed_and_the_rerun_finishes_it(workdir):
     write_params(workdir, {"train": {"epochs": 3, "limit_train_batches": 12}})
     proc, err = _sigterm_once_written(workdir, workdir / "checkpoints" / "conv" / "seed-0" / "last.ckpt")
@@ -152,12 +186,18 @@ class _NanAtSecondEpoch(pl.Callback):
             batch[0][0, 0, 0, 0] = float("nan")
 
 
-def test_a_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(workdir, monkeypatch, capsys):
+def test_a_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(
+    workdir, monkeypatch, capsys
+):
     from pipeline import module, train
 
     write_params(workdir, {"train": {"epochs": 3}})
     real_build = module.build_trainer
-    monkeypatch.setattr(train, "build_trainer", lambda cfg, **kw: real_build(cfg, **{**kw, "callbacks": [*kw["callbacks"], _NanAtSecondEpoch()]}))
+    monkeypatch.setattr(
+        train,
+        "build_trainer",
+        lambda cfg, **kw: real_build(cfg, **{**kw, "callbacks": [*kw["callbacks"], _NanAtSecondEpoch()]}),
+    )
     last = workdir / "checkpoints" / "conv" / "seed-0" / "last.ckpt"
     saved = {}
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", _recording(AtomicCheckpointIO.save_checkpoint, saved))
@@ -228,7 +268,10 @@ def test_checkpoints_behind_an_fsspec_url(workdir):
     from pipeline.train import train
 
     # absolute: MLflow caches a store per URI, and an earlier test in this process used sqlite:///mlflow.db
-    write_params(workdir, {"train": {"checkpoint_dir": "memory://ckpts"}, "mlflow": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db"}})
+    write_params(
+        workdir,
+        {"train": {"checkpoint_dir": "memory://ckpts"}, "mlflow": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db"}},
+    )
     fs = fsspec.filesystem("memory")
     summary = train(load_config("params.yaml"), "conv")
     assert fs.exists("/ckpts/conv/seed-0/last.ckpt") and fs.exists("/ckpts/conv/seed-0/best.ckpt")
@@ -236,9 +279,12 @@ def test_checkpoints_behind_an_fsspec_url(workdir):
     assert record["run_id"] == summary["seeds"]["0"]["run_id"] and record["finished"] is True
     assert not (workdir / "checkpoints").exists()
     (run,) = _runs(workdir)
-    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoints")] == [
+        "checkpoints/best.ckpt"
+    ]
 
 
+@pytest.mark.slow
 def test_changed_configuration_starts_a_new_run(workdir):
     assert run_module("pipeline.train", "--variant", "conv", cwd=workdir).returncode == 0
     write_params(workdir, {"train": {"lr": 0.05}})
@@ -247,6 +293,7 @@ def test_changed_configuration_starts_a_new_run(workdir):
     assert len(runs) == 2 and {r.data.params["train/lr"] for r in runs} == {"0.1", "0.05"}
 
 
+@pytest.mark.slow
 def test_rerun_after_a_finished_run_trains_afresh(workdir):
     """DVC re-runs a stage after a code change with the same params: it must not re-report the old
     checkpoint as a new result."""
@@ -255,9 +302,12 @@ def test_rerun_after_a_finished_run_trains_afresh(workdir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Restoring states" not in again.stdout + again.stderr
     runs = _runs(workdir)
-    assert len(runs) == 2 and all(len(mlflow.MlflowClient().get_metric_history(r.info.run_id, "val_top1")) == 2 for r in runs)
+    assert len(runs) == 2 and all(
+        len(mlflow.MlflowClient().get_metric_history(r.info.run_id, "val_top1")) == 2 for r in runs
+    )
 
 
+@pytest.mark.slow
 def test_interrupted_run_missing_from_the_store_starts_a_new_run(workdir):
     assert run_module("pipeline.train", "--variant", "conv", cwd=workdir).returncode == 0
     state_file = workdir / "checkpoints" / "conv" / "seed-0" / "run.json"
@@ -279,7 +329,9 @@ def test_lightnings_model_summary_shows_the_flops_sasa_counts(form):
 
     from pipeline.module import Classifier
 
-    module = Classifier({**TINY["models"]["common"], "form": form}, num_classes=10, in_chans=1, train=TINY["train"], resolution=20)
+    module = Classifier(
+        {**TINY["models"]["common"], "form": form}, num_classes=10, in_chans=1, train=TINY["train"], resolution=20
+    )
     expected = sasa.count(module.model, (1, 20, 20)).flops
     assert ModelSummary(module, max_depth=1).total_flops == expected > 0
 
@@ -293,7 +345,11 @@ def test_compile_option_runs_the_attention_model_compiled():
 
     arch = {**TINY["models"]["common"], "form": "full_attention"}
     # float64 and eval-mode batch norm: a random 26-layer net amplifies float32 reordering noise
-    module = Classifier(arch, num_classes=10, in_chans=1, train={**TINY["train"], "compile": True}, resolution=28).double().eval()
+    module = (
+        Classifier(arch, num_classes=10, in_chans=1, train={**TINY["train"], "compile": True}, resolution=28)
+        .double()
+        .eval()
+    )
     x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
     eager_grads = torch.autograd.grad(module.model(x).square().sum(), list(module.model.parameters()))
     out = module(x)
@@ -307,6 +363,7 @@ def test_compile_option_runs_the_attention_model_compiled():
     assert set(eager.state_dict()) == model_keys
 
 
+@pytest.mark.slow
 def test_seeds_train_in_turn_and_an_interrupted_stage_keeps_the_seeds_it_finished(workdir):
     from pipeline.stats import estimate
 

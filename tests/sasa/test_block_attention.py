@@ -1,5 +1,6 @@
 """Block attention modules (SE, ECA, CBAM, GC): each one's defining formula written out, its exact
 FLOPs against a closed form, and the ResNet-50 sizes beside the papers'."""
+
 import math
 
 import pytest
@@ -43,7 +44,7 @@ def test_eca_gates_channels_by_a_1d_convolution_of_their_means():
     w = m.conv.weight[0, 0]  # (k,)
     k = w.numel()
     means = F.pad(x.mean((2, 3)), (k // 2, k // 2))
-    logits = torch.stack([(means[:, c:c + k] * w).sum(-1) for c in range(C)], 1)
+    logits = torch.stack([(means[:, c : c + k] * w).sum(-1) for c in range(C)], 1)
     assert torch.allclose(m(x), x * torch.sigmoid(logits)[:, :, None, None])
 
 
@@ -55,7 +56,9 @@ def test_cbam_gates_channels_then_pixels():
     maps = torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)
     conv = F.conv2d(maps, sa.conv.conv.weight, padding=3)
     bn = sa.conv.bn
-    spatial = (conv - bn.running_mean[None, :, None, None]) / torch.sqrt(bn.running_var + bn.eps)[None, :, None, None] * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+    spatial = (conv - bn.running_mean[None, :, None, None]) / torch.sqrt(bn.running_var + bn.eps)[
+        None, :, None, None
+    ] * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
     assert torch.allclose(m(x), y * torch.sigmoid(spatial))
 
 
@@ -64,7 +67,9 @@ def test_gc_adds_one_attention_pooled_context_to_every_pixel_and_starts_as_ident
     fresh = create_block_attention("gc", C).double()
     assert torch.equal(fresh(x), x)  # the transform's last layer starts at zero
     m = _module("gc")
-    weights = torch.softmax((torch.einsum("bchw,c->bhw", x, m.conv_attn.weight[0, :, 0, 0]) + m.conv_attn.bias).flatten(1), -1)
+    weights = torch.softmax(
+        (torch.einsum("bchw,c->bhw", x, m.conv_attn.weight[0, :, 0, 0]) + m.conv_attn.bias).flatten(1), -1
+    )
     context = torch.einsum("bcp,bp->bc", x.flatten(2), weights)
     mlp = m.mlp_add
     h = context @ mlp.fc1.weight[:, :, 0, 0].t() + mlp.fc1.bias
@@ -72,12 +77,15 @@ def test_gc_adds_one_attention_pooled_context_to_every_pixel_and_starts_as_ident
     assert torch.allclose(m(x), x + (h @ mlp.fc2.weight[:, :, 0, 0].t() + mlp.fc2.bias)[:, :, None, None])
 
 
-@pytest.mark.parametrize("name,macs", [
-    ("se", 2 * C * (C // 16)),
-    ("eca", C * 3),
-    ("cbam", 2 * 2 * C * (C // 16) + 2 * 49 * H * W),
-    ("gc", C * H * W + C * H * W + 2 * C * (C // 16)),  # attention logits, the weighted sum, the transform
-])
+@pytest.mark.parametrize(
+    "name,macs",
+    [
+        ("se", 2 * C * (C // 16)),
+        ("eca", C * 3),
+        ("cbam", 2 * 2 * C * (C // 16) + 2 * 49 * H * W),
+        ("gc", C * H * W + C * H * W + 2 * C * (C // 16)),  # attention logits, the weighted sum, the transform
+    ],
+)
 def test_block_attention_flops_match_the_closed_form(name, macs):
     assert sasa.count(create_block_attention(name, C), (C, H, W)).macs == macs
 
@@ -93,8 +101,16 @@ def test_resnet50_with_a_block_attention_has_the_papers_size(name, paper_params)
 def test_block_attention_is_checked_and_trains_in_a_resnet26_step():
     with pytest.raises(ValueError, match="block_attention='sk' is not supported; allowed: 'se', 'eca', 'cbam', 'gc'"):
         sasa.create_model("resnet26", block_attention="sk")
-    model = sasa.create_model("resnet26", form="full_attention", block_attention="cbam", width=0.125, heads=2, kernel_size=3,
-                              small_input=True, num_classes=10)
+    model = sasa.create_model(
+        "resnet26",
+        form="full_attention",
+        block_attention="cbam",
+        width=0.125,
+        heads=2,
+        kernel_size=3,
+        small_input=True,
+        num_classes=10,
+    )
     assert model.config["block_attention"] == "cbam" and sasa.create_model("resnet26").config["block_attention"] is None
     loss = F.cross_entropy(model(torch.randn(2, 3, 16, 16)), torch.tensor([1, 2]))
     loss.backward()

@@ -1,4 +1,5 @@
 """``python -m sasa`` as a user runs it."""
+
 import json
 import os
 import re
@@ -15,7 +16,9 @@ def _run(*args):
 
 
 def test_info_json_has_the_counts_of_the_model():
-    proc = _run("info", "--model", "resnet26", "--form", "full_attention", "--kernel-size", "5", "--resolution", "96", "--json")
+    proc = _run(
+        "info", "--model", "resnet26", "--form", "full_attention", "--kernel-size", "5", "--resolution", "96", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     expected = sasa.count(sasa.create_model("resnet26", form="full_attention", kernel_size=5), 96)
@@ -26,7 +29,9 @@ def test_info_json_has_the_counts_of_the_model():
 def test_info_table_is_readable():
     proc = _run("info", "--model", "resnet50", "--attention-groups", "3,4", "--form", "conv_stem_attention")
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"^attention groups +3,4$", proc.stdout, re.M) and re.search(r"^FLOPs +[\d,]+ \([\d.]+ G\)$", proc.stdout, re.M)
+    assert re.search(r"^attention groups +3,4$", proc.stdout, re.M) and re.search(
+        r"^FLOPs +[\d,]+ \([\d.]+ G\)$", proc.stdout, re.M
+    )
 
 
 @pytest.mark.parametrize(
@@ -49,5 +54,7 @@ def test_build_ext_reports_the_cpp_kernel_and_honours_the_off_switch():
     proc = _run("build-ext")
     assert proc.returncode == 0 and "C++ CPU kernel ready" in proc.stdout, proc.stderr
     env = {**os.environ, "SASA_CPU_EXTENSION": "0"}
-    off = subprocess.run([sys.executable, "-m", "sasa", "build-ext"], capture_output=True, text=True, timeout=300, env=env)
+    off = subprocess.run(
+        [sys.executable, "-m", "sasa", "build-ext"], capture_output=True, text=True, timeout=300, env=env
+    )
     assert off.returncode == 1 and "SASA_CPU_EXTENSION=0" in off.stderr

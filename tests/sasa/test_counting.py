@@ -2,6 +2,7 @@
 op's forward and backward in ``sasa.ops.local_attention``, the CPU fused attention's backward in
 ``sasa.counting``; its forward: tests/test_transformers.py) agrees with an independent count of the
 same computation written as matrix products, which the counter scores by its own formulas."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,9 @@ def test_cpu_fused_attention_counts_its_math_path_forward_and_backward(shape):
 
     with FlopCounterMode(display=False) as counter:
         attention()
-    assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in counter.get_flop_counts()["Global"]  # the fused kernel ran
+    assert (
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in counter.get_flop_counts()["Global"]
+    )  # the fused kernel ran
     fused = _flops(attention)
     with sdpa_kernel(SDPBackend.MATH):
         math_path = _flops(attention)

@@ -2,13 +2,14 @@
 backward, and the two ops under them agree with their own references: blocked attention (halo,
 neighbourhood, BoT, AA) and the footprint aggregation of SAN. FLOP counts do not depend on the
 kernel that runs."""
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import saved_bytes
-from sasa.layers import MIXER_INFO, create_mixer
 from sasa.counting import counting_flops
+from sasa.layers import MIXER_INFO, create_mixer
 from sasa.layers.stem import StemAttention2d
 from sasa.ops import cpu_extension
 from sasa.ops.blocked_attention import blocked_attention, reference_blocked_attention
@@ -65,7 +66,9 @@ def test_blocked_attention_equals_reference(kernel, channels_last):
 def test_blocked_attention_kernel_passes_gradcheck(kernel):
     q, k, v, queries, keys, row, col = _blocked_inputs(B=1, heads=1, d=2, dv=2, H=3, W=4)
     row = row.detach().clamp(min=-5).requires_grad_()  # gradcheck perturbs every entry: no -inf here
-    assert torch.autograd.gradcheck(lambda q, k, v, r, c: blocked_attention(q, k, v, queries, keys, r, c), (q, k, v, row, col))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, r, c: blocked_attention(q, k, v, queries, keys, r, c), (q, k, v, row, col)
+    )
 
 
 def test_blocked_attention_rejects_bad_index_tables():
@@ -78,15 +81,23 @@ def test_blocked_attention_rejects_bad_index_tables():
         blocked_attention(q, k, v, queries, keys, row[..., :2], col)
 
 
-@pytest.mark.parametrize("scaled,biased", [(False, False), (True, True), (True, False), (False, True)], ids=["san", "elsa", "scale", "bias"])
+@pytest.mark.parametrize(
+    "scaled,biased", [(False, False), (True, True), (True, False), (False, True)], ids=["san", "elsa", "scale", "bias"]
+)
 @pytest.mark.parametrize("B,G,share,H,W,k", [(2, 3, 2, 5, 7, 3), (1, 2, 1, 4, 3, 5), (1, 1, 3, 6, 9, 1)])
 def test_footprint_aggregate_equals_reference(kernel, B, G, share, H, W, k, scaled, biased):
     g = torch.Generator().manual_seed(0)
     attn = torch.randn(B, G, k * k, H, W, generator=g, dtype=D, requires_grad=True)
     values = torch.randn(B, W, H, G * share, generator=g, dtype=D).permute(0, 3, 2, 1).requires_grad_()  # any strides
-    scale, bias = (torch.randn(G * share, k * k, generator=g, dtype=D, requires_grad=True) if on else None for on in (scaled, biased))
+    scale, bias = (
+        torch.randn(G * share, k * k, generator=g, dtype=D, requires_grad=True) if on else None
+        for on in (scaled, biased)
+    )
     leaves = [t for t in (attn, values, scale, bias) if t is not None]
-    ref, fast = reference_footprint_aggregate(attn, values, k, scale, bias), footprint_aggregate(attn, values, k, scale, bias)
+    ref, fast = (
+        reference_footprint_aggregate(attn, values, k, scale, bias),
+        footprint_aggregate(attn, values, k, scale, bias),
+    )
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
     grad = torch.randn(ref.shape, dtype=D, generator=g)
     for g_fast, g_ref in zip(torch.autograd.grad(fast, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
@@ -103,13 +114,16 @@ def test_footprint_aggregate_equals_reference(kernel, B, G, share, H, W, k, scal
 
 # --- the fast mixers' own properties (fast = reference for every mixer: test_mixer_contract.py) ---
 
+
 def _pair(name, channels, pos_enc, stride, dtype, options=None):
     """A mixer's fast and reference paths with the same weights (own options: the registry's test options)."""
     torch.manual_seed(0)
     shared = {"heads": 2, "kernel_size": 3} | ({"pos_enc": pos_enc} if "pos_enc" in MIXER_INFO[name].options else {})
     options = MIXER_INFO[name].test_options if options is None else options
     fast = create_mixer(name, channels, channels, stride, shared=shared, **options).to(dtype)
-    reference = create_mixer(name, channels, channels, stride, shared=shared | {"impl": "reference"}, **options).to(dtype)
+    reference = create_mixer(name, channels, channels, stride, shared=shared | {"impl": "reference"}, **options).to(
+        dtype
+    )
     reference.load_state_dict(fast.state_dict())
     return fast.train(), reference.train()
 
@@ -163,7 +177,9 @@ def test_sasa_is_counted_by_its_op_on_the_flexattention_device(monkeypatch):
     expected = sasa.count(layer, (16, 8, 8))
     calls = []
     monkeypatch.setattr(local_attention_module, "FLEX_DEVICES", ("cpu",))
-    monkeypatch.setattr(local_attention_module, "flex_local_attention", lambda q, *rest: calls.append(q.shape) or torch.zeros_like(q))
+    monkeypatch.setattr(
+        local_attention_module, "flex_local_attention", lambda q, *rest: calls.append(q.shape) or torch.zeros_like(q)
+    )
     assert sasa.count(layer, (16, 8, 8)) == expected and not calls
     layer(torch.randn(1, 16, 8, 8))
     assert calls  # outside the counter the device's own fast path runs
@@ -180,5 +196,8 @@ def test_fast_attention_stem_equals_reference(values, pos_enc):
     x = torch.randn(2, 3, 7, 9, dtype=D, requires_grad=True)
     torch.testing.assert_close(fast(x), reference(x))
     grad = torch.randn(2, 16, 7, 9, dtype=D)
-    for g_fast, g_ref in zip(torch.autograd.grad(fast(x), [x, *fast.parameters()], grad), torch.autograd.grad(reference(x), [x, *reference.parameters()], grad)):
+    for g_fast, g_ref in zip(
+        torch.autograd.grad(fast(x), [x, *fast.parameters()], grad),
+        torch.autograd.grad(reference(x), [x, *reference.parameters()], grad),
+    ):
         torch.testing.assert_close(g_fast, g_ref)

@@ -1,4 +1,5 @@
 """Global relative attention and the two mixers built on it: BoTNet MHSA, attention-augmented conv."""
+
 import math
 
 import pytest
@@ -28,7 +29,9 @@ def test_without_position_logits_equals_standard_multi_head_attention(embeddings
     sdpa = F.scaled_dot_product_attention(_tokens(q), _tokens(k), _tokens(v))  # scales by dk**-0.5 too
     torch.testing.assert_close(_tokens(ours), sdpa)
     w = torch.randn_like(sdpa)
-    for a, b in zip(torch.autograd.grad((_tokens(ours) * w).sum(), (q, k, v)), torch.autograd.grad((sdpa * w).sum(), (q, k, v))):
+    for a, b in zip(
+        torch.autograd.grad((_tokens(ours) * w).sum(), (q, k, v)), torch.autograd.grad((sdpa * w).sum(), (q, k, v))
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -154,7 +157,8 @@ def test_aa_flops_match_closed_form(pos_enc, stride):
     macs = (
         Ho * Wo * 9 * C * (O - dv)  # 3x3 conv branch
         + N * C * (2 * dk + dv)  # qkv
-        + N * N * dk + N * N * dv  # logits, values
+        + N * N * dk
+        + N * N * dv  # logits, values
         + rel * N * (H + W) * dk // 2  # relative logits
         + Ho * Wo * dv * dv  # output projection
     )

@@ -1,5 +1,6 @@
 """HaloNet and Neighborhood Attention mixers: their defining relations to SASA, slow references,
 FLOP counts and parameter counts."""
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -54,7 +55,9 @@ def _slow_attention(layer, x, window, offset_index):
             qij = q[..., i, j]
             logits = torch.einsum("zhd,zhdn->zhn", qij, k[..., rows, cols])
             if layer.rel_row is not None:
-                r = torch.cat([layer.rel_row[:, :, offset_index(rows, i)], layer.rel_col[:, :, offset_index(cols, j)]], 1)  # (heads, d, keys)
+                r = torch.cat(
+                    [layer.rel_row[:, :, offset_index(rows, i)], layer.rel_col[:, :, offset_index(cols, j)]], 1
+                )  # (heads, d, keys)
                 logits = logits + torch.einsum("zhd,hdn->zhn", qij, r)
             if getattr(layer, "rel_bias", None) is not None:
                 logits = logits + layer.rel_bias[:, offset_index(rows, i), offset_index(cols, j)]
@@ -69,7 +72,9 @@ def _slow_halo(layer, x):
 
     def window(i, j):
         r0, c0 = i // b * b - h, j // b * b - h
-        return [(a, c) for a in range(r0, r0 + b + 2 * h) for c in range(c0, c0 + b + 2 * h) if 0 <= a < H and 0 <= c < W]
+        return [
+            (a, c) for a in range(r0, r0 + b + 2 * h) for c in range(c0, c0 + b + 2 * h) if 0 <= a < H and 0 <= c < W
+        ]
 
     return _slow_attention(layer, x, window, lambda key, query: key - query + b + h - 1)
 
@@ -191,11 +196,17 @@ def test_neighborhood_is_sasa_away_from_borders(k, pos_enc):
     sasa = SASA2d(C_IN, C_OUT, kernel_size=k, heads=HEADS, pos_enc=pos_enc, impl="reference").double()
     state = layer.state_dict()
     if pos_enc == "relative":
-        state = {**state, "rel_row": state["rel_row"][:, :, k // 2 : k // 2 + k], "rel_col": state["rel_col"][:, :, k // 2 : k // 2 + k]}
+        state = {
+            **state,
+            "rel_row": state["rel_row"][:, :, k // 2 : k // 2 + k],
+            "rel_col": state["rel_col"][:, :, k // 2 : k // 2 + k],
+        }
     sasa.load_state_dict(state)
     x = _input(9, 11)
     c = k // 2
-    torch.testing.assert_close(layer(x)[..., c : 9 - c, c : 11 - c], sasa(x)[..., c : 9 - c, c : 11 - c], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        layer(x)[..., c : 9 - c, c : 11 - c], sasa(x)[..., c : 9 - c, c : 11 - c], rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("k", [3, 5])
@@ -244,7 +255,9 @@ def test_neighborhood_parameters():
     for k in (3, 7):
         assert _n_params(NeighborhoodAttention2d(64, 128, kernel_size=k, heads=8)) == 3 * 64 * 128 + 128 * (2 * k - 1)
     assert _n_params(NeighborhoodAttention2d(64, 128, pos_enc="none")) == 3 * 64 * 128
-    assert _n_params(NeighborhoodAttention2d(64, 128, pos_enc="none", bias=True)) == 3 * 64 * 128 + 8 * 13 * 13  # NAT's table
+    assert (
+        _n_params(NeighborhoodAttention2d(64, 128, pos_enc="none", bias=True)) == 3 * 64 * 128 + 8 * 13 * 13
+    )  # NAT's table
 
 
 def test_neighborhood_map_smaller_than_kernel_is_an_error():

@@ -1,6 +1,7 @@
 """The later mixers of the literature: g^n Conv (HorNet) and quadratic-encoding attention
 (Cordonnier et al.), each by its defining property (float64, forward and backward) and its exact
 FLOPs against a closed form."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,9 +82,14 @@ def _reference_quadratic(layer, x):
     for h in range(layer.heads):
         alpha, (cy, cx) = layer.log_alpha[h].exp(), layer.centre[h]
         for a, (i, j) in enumerate(pos):
-            logits = torch.stack([
-                (q[:, h, :, a] * kk[:, h, :, b]).sum(-1) / layer.head_dim**0.5 - alpha * ((p - i - cy) ** 2 + (r - j - cx) ** 2)
-                for b, (p, r) in enumerate(pos)], -1)
+            logits = torch.stack(
+                [
+                    (q[:, h, :, a] * kk[:, h, :, b]).sum(-1) / layer.head_dim**0.5
+                    - alpha * ((p - i - cy) ** 2 + (r - j - cx) ** 2)
+                    for b, (p, r) in enumerate(pos)
+                ],
+                -1,
+            )
             out[:, h, :, a] = (logits.softmax(-1)[:, None, :] * v[:, h]).sum(-1)
     return layer.proj(out.reshape(B, -1, H, W))
 
@@ -96,7 +102,9 @@ def test_quadratic_attention_equals_its_pixelwise_reference():
     assert torch.allclose(y, ref)
     g = torch.randn_like(y)
     params = (x, layer.centre, layer.log_alpha, layer.qk.weight)
-    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)))
+    assert all(
+        torch.allclose(a, b) for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g))
+    )
 
 
 def test_quadratic_attention_flops_match_the_closed_form():
@@ -108,7 +116,9 @@ def test_quadratic_attention_flops_match_the_closed_form():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("content,stride,shape", [(True, 1, (2, 12, 7, 5)), (False, 1, (1, 12, 4, 9)), (True, 2, (2, 12, 9, 6))])
+@pytest.mark.parametrize(
+    "content,stride,shape", [(True, 1, (2, 12, 7, 5)), (False, 1, (1, 12, 4, 9)), (True, 2, (2, 12, 9, 6))]
+)
 def test_quadratic_fast_path_equals_the_reference(dtype, tol, content, stride, shape):
     torch.manual_seed(0)
     fast = QuadraticAttention2d(12, 8, stride, heads=4, content=content).to(dtype)
@@ -118,7 +128,9 @@ def test_quadratic_fast_path_equals_the_reference(dtype, tol, content, stride, s
     y, y_ref = fast(x), ref(x)
     torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
     g = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, (x, *fast.parameters()), g), torch.autograd.grad(y_ref, (x, *ref.parameters()), g)):
+    for a, b in zip(
+        torch.autograd.grad(y, (x, *fast.parameters()), g), torch.autograd.grad(y_ref, (x, *ref.parameters()), g)
+    ):
         torch.testing.assert_close(a, b, atol=10 * tol, rtol=10 * tol)
 
 
@@ -146,7 +158,9 @@ def test_acmix_attention_path_is_local_attention_with_the_coordinate_term():
         for i in range(4):
             for j in range(5):
                 window = [(a, b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2) if 0 <= a < 4 and 0 <= b < 5]
-                logits = torch.stack([(q[:, c, i, j] * (k[:, c, a, b] + p[:, i, j] - p[:, a, b])).sum(-1) / 2 for a, b in window], -1)
+                logits = torch.stack(
+                    [(q[:, c, i, j] * (k[:, c, a, b] + p[:, i, j] - p[:, a, b])).sum(-1) / 2 for a, b in window], -1
+                )
                 w = logits.softmax(-1)
                 out[:, c, i, j] = sum(w[:, n, None] * v[:, c, a, b] for n, (a, b) in enumerate(window))
     assert torch.allclose(layer.attention(q, k, v), out)
@@ -161,7 +175,7 @@ def test_acmix_convolution_path_starts_as_shift_and_sum_of_the_shared_projection
     feats = torch.cat([t.view(2, 2, 4, 4, 5) for t in (q, k, v)], 1)  # (B, 3 heads, d, H, W)
     maps = torch.einsum("sj,bjdhw->bsdhw", layer.fc.weight[:, :, 0, 0], feats)  # (B, 9, d, H, W)
     padded = F.pad(maps, (1, 1, 1, 1))
-    summed = sum(padded[:, s, :, s // 3:s // 3 + 4, s % 3:s % 3 + 5] for s in range(9))  # (B, d, H, W)
+    summed = sum(padded[:, s, :, s // 3 : s // 3 + 4, s % 3 : s % 3 + 5] for s in range(9))  # (B, d, H, W)
     expected = summed.repeat_interleave(2, dim=1)  # channel d feeds the heads' outputs of group d
     assert torch.allclose(layer.convolution(q, k, v), expected)
 
@@ -182,16 +196,22 @@ def test_acmix_flops_match_the_closed_form():
 
     C, H, W, n, k, c = 8, 5, 4, 2, 3, 3
     d, hw = C // n, H * W
-    macs = (3 * C * C * hw + 2 * d * hw  # q, k, v and the coordinates' map
-            + n * d * k * k * hw + n * d * hw  # q . (k_j - p_j) and q . p_i
-            + n * k * k * d * hw  # weights x values
-            + c * c * 3 * n * d * hw  # fc
-            + C * c * c * c * c * hw)  # shift convolution: each output reads c^2 maps over c x c taps
+    macs = (
+        3 * C * C * hw
+        + 2 * d * hw  # q, k, v and the coordinates' map
+        + n * d * k * k * hw
+        + n * d * hw  # q . (k_j - p_j) and q . p_i
+        + n * k * k * d * hw  # weights x values
+        + c * c * 3 * n * d * hw  # fc
+        + C * c * c * c * c * hw
+    )  # shift convolution: each output reads c^2 maps over c x c taps
     assert sasa.count(ACmix2d(C, C, kernel_size=k, heads=n, conv_kernel=c), (C, H, W)).macs == macs
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("k,stride,shape", [(3, 1, (2, 6, 4, 5)), (5, 1, (1, 6, 9, 7)), (7, 2, (2, 6, 6, 11)), (3, 1, (1, 6, 1, 6))])
+@pytest.mark.parametrize(
+    "k,stride,shape", [(3, 1, (2, 6, 4, 5)), (5, 1, (1, 6, 9, 7)), (7, 2, (2, 6, 6, 11)), (3, 1, (1, 6, 1, 6))]
+)
 def test_acmix_fast_path_equals_the_reference(dtype, tol, k, stride, shape):
     from sasa.layers.acmix import ACmix2d
 
@@ -203,7 +223,9 @@ def test_acmix_fast_path_equals_the_reference(dtype, tol, k, stride, shape):
     y, y_ref = fast(x), ref(x)
     torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
     g = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, (x, *fast.parameters()), g), torch.autograd.grad(y_ref, (x, *ref.parameters()), g)):
+    for a, b in zip(
+        torch.autograd.grad(y, (x, *fast.parameters()), g), torch.autograd.grad(y_ref, (x, *ref.parameters()), g)
+    ):
         torch.testing.assert_close(a, b, atol=10 * tol, rtol=10 * tol)
 
 
@@ -225,17 +247,29 @@ def test_qna_is_softmax_attention_of_learned_queries_over_each_window():
         for h in range(2):
             for i in range(4):
                 for j in range(5):
-                    window = [(a, b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2) if 0 <= a < 4 and 0 <= b < 5]
-                    logits = torch.stack([key[:, h, :, a, b] @ layer.query[l, h] / 2 + layer.bias[l, h, a - i + 1, b - j + 1]
-                                          for a, b in window], -1)
+                    window = [
+                        (a, b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2) if 0 <= a < 4 and 0 <= b < 5
+                    ]
+                    logits = torch.stack(
+                        [
+                            key[:, h, :, a, b] @ layer.query[l, h] / 2 + layer.bias[l, h, a - i + 1, b - j + 1]
+                            for a, b in window
+                        ],
+                        -1,
+                    )
                     w = logits.softmax(-1)
-                    outs[:, l, h, :, i, j] = sum(w[:, m, None] * value[:, h, :, a, b] for m, (a, b) in enumerate(window))
+                    outs[:, l, h, :, i, j] = sum(
+                        w[:, m, None] * value[:, h, :, a, b] for m, (a, b) in enumerate(window)
+                    )
     expected = layer.proj(outs.reshape(2, 16, 4, 5))
     y = layer(x)
     assert torch.allclose(y, expected)
     g = torch.randn_like(y)
     params = (x, layer.query, layer.bias)
-    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g)))
+    assert all(
+        torch.allclose(a, b)
+        for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g))
+    )
 
 
 def test_qna_is_shift_invariant_and_linear_in_pixels():
@@ -252,7 +286,9 @@ def test_qna_flops_match_the_closed_form():
 
     C, H, W, n, L, k = 8, 5, 4, 2, 3, 5
     d, hw = C // n, H * W
-    macs = hw * (C * 2 * C + L * n * d + L * n * k * k + L * n * d * k * k + L * C * C)  # kv, scores, both sums, projection
+    macs = hw * (
+        C * 2 * C + L * n * d + L * n * k * k + L * n * d * k * k + L * C * C
+    )  # kv, scores, both sums, projection
     assert sasa.count(QnA2d(C, C, kernel_size=k, heads=n, queries=L), (C, H, W)).macs == macs
 
 
@@ -263,7 +299,11 @@ def _lesa():
     layer = LESA2d(8, 8, heads=2).double().eval()
     for m in layer.modules():
         if isinstance(m, torch.nn.BatchNorm2d):  # batch norms that do something
-            torch.nn.init.uniform_(m.weight, 0.5, 1.5), torch.nn.init.normal_(m.bias), torch.nn.init.normal_(m.running_mean)
+            (
+                torch.nn.init.uniform_(m.weight, 0.5, 1.5),
+                torch.nn.init.normal_(m.bias),
+                torch.nn.init.normal_(m.running_mean),
+            )
     return layer
 
 
@@ -287,7 +327,9 @@ def test_lesa_unary_term_is_a_grouped_convolution():
     x = torch.randn(1, 8, 6, 6, dtype=torch.float64, requires_grad=True)
     layer.unary[0](x)[0, :4, 3, 3].sum().backward()  # group 0's outputs at one pixel
     reached = x.grad[0].abs() > 0
-    assert reached[:4, 2:5, 2:5].all() and not reached[4:].any() and not reached[:, :2].any() and not reached[:, 5:].any()
+    assert (
+        reached[:4, 2:5, 2:5].all() and not reached[4:].any() and not reached[:, :2].any() and not reached[:, 5:].any()
+    )
 
 
 def test_lesa_flops_are_its_parts():
@@ -322,13 +364,16 @@ def test_elsa_filters_each_channel_by_its_heads_hadamard_attention_and_ghost_hea
         a = logits[:, c // 4].softmax(1)  # (B, 9, H, W)
         for o in range(9):
             f = layer.ghost_mul[c, o] * a[:, o] + layer.ghost_add[c, o]
-            out[:, c] += f * vp[:, c, o // 3:o // 3 + 4, o % 3:o % 3 + 5]
+            out[:, c] += f * vp[:, c, o // 3 : o // 3 + 4, o % 3 : o % 3 + 5]
     expected = layer.proj(out)
     y = layer(x)
     assert torch.allclose(y, expected)
     g = torch.randn_like(y)
     params = (x, layer.ghost_mul, layer.ghost_add, layer.qkv.weight)
-    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g)))
+    assert all(
+        torch.allclose(a, b)
+        for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g))
+    )
 
 
 def test_elsa_without_ghost_head_shares_one_filter_per_head():
@@ -349,8 +394,16 @@ def test_elsa_flops_match_the_closed_form():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("k,stride,shape,ghost", [(3, 1, (2, 8, 4, 5), {}), (5, 2, (1, 8, 9, 7), {}), (7, 1, (2, 8, 3, 6), {"lam": 0}),
-                                                  (3, 1, (1, 8, 1, 6), {"gamma": 0}), (3, 1, (1, 8, 5, 5), {"lam": 2.0, "gamma": 0.5})])
+@pytest.mark.parametrize(
+    "k,stride,shape,ghost",
+    [
+        (3, 1, (2, 8, 4, 5), {}),
+        (5, 2, (1, 8, 9, 7), {}),
+        (7, 1, (2, 8, 3, 6), {"lam": 0}),
+        (3, 1, (1, 8, 1, 6), {"gamma": 0}),
+        (3, 1, (1, 8, 5, 5), {"lam": 2.0, "gamma": 0.5}),
+    ],
+)
 def test_elsa_fast_path_equals_the_reference(dtype, tol, k, stride, shape, ghost):
     """The split filter (aggregation with a per-channel scale + depthwise convolution of the ghost
     addend) against the unfolded per-channel filters, forward and every gradient."""
@@ -417,7 +470,9 @@ def test_evolving_attention_off_or_without_a_predecessor_is_plain_attention():
 
 
 def test_evolving_attention_links_the_blocks_of_a_resnet_group_and_counts_its_convolution():
-    kwargs = dict(width=0.125, heads=2, kernel_size=3, small_input=True, num_classes=10, attention_groups=(3,), mixer="bot")
+    kwargs = dict(
+        width=0.125, heads=2, kernel_size=3, small_input=True, num_classes=10, attention_groups=(3,), mixer="bot"
+    )
     model = sasa.create_model("resnet26", mixer_args={"evolve": 0.5}, **kwargs)
     mixers = [b.mixer for b in model.layer3]
     assert all(m._previous == (p,) for p, m in zip(mixers, mixers[1:])) and mixers[0]._previous == ()
@@ -428,67 +483,3 @@ def test_evolving_attention_links_the_blocks_of_a_resnet_group_and_counts_its_co
     assert sasa.count(model, (3, 16, 16)).macs == plain + 2 * 2 * 2 * 9 * n * n
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     assert mixers[1].evolve_conv.weight.grad is None and mixers[2].evolve_conv.weight.grad.abs().sum() > 0
-
-
-NEW_MIXERS = ["gnconv", "quadratic", "acmix", "qna", "lesa", "elsa"]
-
-
-@pytest.mark.parametrize("variant", [{"mixer": m} for m in NEW_MIXERS] + [{"mixer": "bot", "mixer_args": {"evolve": 0.5}},
-                                                                          {"mixer": "sasa", "block_attention": "gc"}],
-                         ids=lambda v: v.get("block_attention") or str(v.get("mixer_args") or v["mixer"]))
-def test_each_mixer_trains_a_resnet26_step_from_params(variant, prepared_mnist):
-    from pipeline.config import DataConfig, TrainConfig, validate
-    from pipeline.data import PreparedDataModule
-    from pipeline.module import Classifier, build_trainer
-    from tests.conftest import TINY
-
-    params = {**TINY, "models": {**TINY["models"], "variants": {"v": {"form": "conv_stem_attention", **variant}}},
-              "sweep": {**TINY["sweep"], "base": "v"}}
-    cfg = validate(params, "test params")
-    train = TrainConfig(**{**TINY["train"], "epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "warmup_epochs": 0})
-    module = Classifier(cfg.models.resolved("v").model_dump(), 10, 1, train.model_dump(), resolution=28)
-    before = [p.detach().clone() for p in module.parameters()]
-    trainer = build_trainer(train, logger=False, enable_checkpointing=False)
-    trainer.fit(module, datamodule=PreparedDataModule(DataConfig(**TINY["data"]), 32, prepared_mnist))
-    assert trainer.global_step == 1 and any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
-
-
-@pytest.mark.parametrize("mixer", NEW_MIXERS)
-def test_cli_info_counts_each_new_mixer(mixer, capsys):
-    from sasa.__main__ import main as cli
-
-    args = ["info", "--model", "resnet26", "--form", "conv_stem_attention", "--mixer", mixer, "--small-input", "--width", "0.25",
-            "--heads", "2", "--kernel-size", "3", "--resolution", "16", "--json"]
-    assert cli(args) == 0
-    import json
-
-    result = json.loads(capsys.readouterr().out)
-    assert result["mixer"] == mixer and result["flops"] == 2 * result["macs"] > 0
-
-
-@pytest.mark.slow
-def test_a_sweep_over_the_new_mixers_runs_each_as_a_trial(workdir):
-    """A real Ray Tune sweep over acmix, qna, lesa and elsa (gnconv and quadratic: tests/test_sweep.py)."""
-    import csv
-
-    import mlflow
-    import yaml
-
-    from tests.conftest import run_module, write_params
-
-    mixers = ["acmix", "qna", "lesa", "elsa"]
-    write_params(workdir, {
-        "models": {"variants": {"attn": {"form": "conv_stem_attention"}}},
-        "train": {"seeds": [0], "limit_train_batches": 2, "limit_val_batches": 1},
-        "sweep": {"base": "attn", "train": {"epochs": 1}, "scheduler": {"type": "fifo"}},
-    })
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params["sweep"]["space"] = {"mixer": mixers}
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    done = run_module("pipeline.sweep", cwd=workdir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = list(csv.DictReader((workdir / "sweep" / "results.csv").open()))
-    assert sorted(r["mixer"] for r in rows) == sorted(mixers) and all(int(r["epochs"]) == 1 for r in rows)
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    trials = [r for r in mlflow.search_runs(experiment_names=["test"], output_format="list") if r.data.tags.get("sasa.kind") == "sweep_trial"]
-    assert sorted(t.data.params["arch/mixer"] for t in trials) == sorted(mixers) and {t.info.status for t in trials} == {"FINISHED"}

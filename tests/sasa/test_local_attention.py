@@ -1,5 +1,6 @@
 """The local-attention kernels compute the paper's formula and agree with each other: the
 reference, and the fast op with each of its CPU kernels (C++ and PyTorch)."""
+
 import pytest
 import torch
 
@@ -135,7 +136,9 @@ def test_float32_kernels_match_float64_reference(B, heads, d, H, W, k, rel, fast
         out = fn(q, kk, v, k, *(rel_emb or [None, None]))
         return [out, *torch.autograd.grad(out, leaves, grad)]
 
-    for got, want in zip(run(fast_local_attention, leaves32, grad), run(reference_local_attention, leaves64, grad.double())):
+    for got, want in zip(
+        run(fast_local_attention, leaves32, grad), run(reference_local_attention, leaves64, grad.double())
+    ):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5 * want.abs().max().clamp_min(1).item())
 
@@ -149,7 +152,9 @@ def test_fast_kernel_reads_strided_views(fast_kernel):
     torch.testing.assert_close(fast_local_attention(q, kk, v, 5), reference_local_attention(q, kk, v, 5))
 
 
-@pytest.mark.parametrize("B,heads,d,H,W,k,rel", [(2, 2, 4, 5, 7, 3, True), (1, 1, 2, 3, 3, 7, False), (1, 2, 18, 9, 6, 5, True)])
+@pytest.mark.parametrize(
+    "B,heads,d,H,W,k,rel", [(2, 2, 4, 5, 7, 3, True), (1, 1, 2, 3, 3, 7, False), (1, 2, 18, 9, 6, 5, True)]
+)
 def test_flex_attention_formulation_equals_reference(B, heads, d, H, W, k, rel):
     """The GPU path's formulation (block mask, relative score_mod, head-dim padding), run by
     FlexAttention's eager math path on the CPU, in float64. Forward only: FlexAttention has no
@@ -160,7 +165,10 @@ def test_flex_attention_formulation_equals_reference(B, heads, d, H, W, k, rel):
     tables = [None, None]
     if rel:
         half = d // 2
-        tables = [torch.einsum("bhcyx,hck->bhkyx", q[:, :, :half], rr), torch.einsum("bhcyx,hck->bhkyx", q[:, :, half:], rc)]
+        tables = [
+            torch.einsum("bhcyx,hck->bhkyx", q[:, :, :half], rr),
+            torch.einsum("bhcyx,hck->bhkyx", q[:, :, half:], rc),
+        ]
     out = flex_local_attention(q, kk, v, *tables, k, compiled=False)
     torch.testing.assert_close(out, reference_local_attention(q, kk, v, k, rr, rc), rtol=1e-10, atol=1e-12)
 

@@ -1,20 +1,19 @@
 """Building mixers by name: shared settings, strict options, the input minimum they impose, and
-reaching them from the CLI and params.yaml. (The contract every mixer keeps is in
-test_mixer_contract.py; each mixer's defining property in its own file.)"""
+reaching them from the CLI. (The contract every mixer keeps: test_mixer_contract.py; each mixer's
+defining property: its own file; params.yaml: tests/pipeline/test_mixer_variants.py.)"""
+
 import json
 
 import pytest
 import torch
 
 import sasa
-from pipeline.config import ConfigError, load_config
 from sasa.__main__ import main as cli
-from sasa.layers import MIXERS, create_mixer
+from sasa.layers import create_mixer
 from sasa.layers.mixers import mixer_options
-from tests.conftest import write_params
 
-def test_the_registry_names_every_mixer_of_the_issue():
-    assert set(MIXERS) == {"conv", "sasa", "halo", "aa", "bot", "san_pairwise", "san_patchwise", "neighborhood", "gnconv", "quadratic", "acmix", "qna", "lesa", "elsa"}
+
+def test_a_mixer_takes_its_constructors_keyword_options():
     assert {"block_size", "halo", "heads", "pos_enc"} <= set(mixer_options("halo"))
     assert mixer_options("conv") == ()
 
@@ -27,7 +26,9 @@ def test_shared_settings_reach_only_the_mixers_that_take_them():
 
 
 def test_an_unknown_mixer_option_is_an_error_naming_it_and_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"mixer='halo' has no option 'blocksize'; it takes: block_size, halo, heads, pos_enc"):
+    with pytest.raises(
+        ValueError, match=r"mixer='halo' has no option 'blocksize'; it takes: block_size, halo, heads, pos_enc"
+    ):
         create_mixer("halo", 16, 16, 1, blocksize=4)
     with pytest.raises(ValueError, match=r"mixer='axial' is not supported; allowed: 'conv', 'sasa'"):
         create_mixer("axial", 16, 16)
@@ -46,26 +47,44 @@ def test_a_mixer_that_needs_large_maps_raises_the_input_minimum():
 
 
 def test_cli_info_counts_a_mixer(capsys):
-    assert cli(["info", "--model", "resnet50", "--form", "conv_stem_attention", "--mixer", "halo",
-                "--mixer-arg", "block_size=8", "--mixer-arg", "halo=3", "--json"]) == 0
+    assert (
+        cli(
+            [
+                "info",
+                "--model",
+                "resnet50",
+                "--form",
+                "conv_stem_attention",
+                "--mixer",
+                "halo",
+                "--mixer-arg",
+                "block_size=8",
+                "--mixer-arg",
+                "halo=3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     halo = json.loads(capsys.readouterr().out)
     assert halo["mixer"] == "halo" and halo["mixer_args"] == {"block_size": 8, "halo": 3}
     assert cli(["info", "--model", "resnet50", "--form", "conv_stem_attention", "--json"]) == 0
     sasa_counts = json.loads(capsys.readouterr().out)
     assert halo["params"] != sasa_counts["params"] and halo["flops"] != sasa_counts["flops"] > 0
-    assert cli(["info", "--model", "resnet26", "--form", "conv_stem_attention", "--mixer", "halo", "--mixer-arg", "block=8"]) == 2
+    assert (
+        cli(
+            [
+                "info",
+                "--model",
+                "resnet26",
+                "--form",
+                "conv_stem_attention",
+                "--mixer",
+                "halo",
+                "--mixer-arg",
+                "block=8",
+            ]
+        )
+        == 2
+    )
     assert "mixer='halo' has no option 'block'" in capsys.readouterr().err
-
-
-def test_params_yaml_takes_a_mixer_per_variant_and_checks_its_options(tmp_path):
-    variants = {"conv": {"form": "conv"}, "halo": {"form": "conv_stem_attention", "mixer": "halo", "mixer_args": {"block_size": 4, "halo": 1}}}
-    write_params(tmp_path, {"models": {"variants": variants}})
-    cfg = load_config(tmp_path / "params.yaml")
-    assert cfg.models.resolved("halo").mixer_name == "halo" and cfg.fingerprint("halo", 0) != cfg.fingerprint("conv", 0)
-    variants["halo"]["mixer_args"] = {"block": 4}
-    write_params(tmp_path, {"models": {"variants": variants}})
-    with pytest.raises(ConfigError, match="models.variants.halo: mixer='halo' has no option 'block'"):
-        load_config(tmp_path / "params.yaml")
-    write_params(tmp_path, {"models": {"variants": {"conv": {"form": "full_attention", "mixer": "neighborhood", "kernel_size": 9}}}})
-    with pytest.raises(ConfigError, match="data.resolution=28 does not fit models.variants.conv: it needs at least 33"):
-        load_config(tmp_path / "params.yaml")

@@ -4,11 +4,14 @@ forward and backward; its FLOPs are counted exactly whatever kernel runs; it fil
 skeleton, trains a step, and reads channels-last maps. (Each mixer's defining property is tested
 in its own file.)"""
 
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sasa
+from sasa.__main__ import main as cli
 from sasa.layers import MIXER_INFO, MIXERS, create_mixer
 
 WITH_FAST_PATH = [name for name, info in MIXER_INFO.items() if info.impls]
@@ -28,7 +31,9 @@ def _pair(name, channels, pos_enc, stride, dtype):
     """The mixer's fast and reference paths with the same weights."""
     info = MIXER_INFO[name]
     torch.manual_seed(0)
-    fast = create_mixer(name, channels, channels, stride, _shared(name, pos_enc) | {"impl": "fast"}, **info.test_options)
+    fast = create_mixer(
+        name, channels, channels, stride, _shared(name, pos_enc) | {"impl": "fast"}, **info.test_options
+    )
     reference = create_mixer(
         name, channels, channels, stride, _shared(name, pos_enc) | {"impl": "reference"}, **info.test_options
     )
@@ -92,7 +97,9 @@ def test_every_mixer_fills_the_resnet_skeleton_trains_and_is_counted(name):
         assert type(getattr(model, f"layer{group}")[0].mixer) is expected
     model(torch.randn(2, 1, 28, 28)).square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    conv = sasa.count(sasa.create_model("resnet26", width=0.125, small_input=True, num_classes=10, in_chans=1), (1, 28, 28))
+    conv = sasa.count(
+        sasa.create_model("resnet26", width=0.125, small_input=True, num_classes=10, in_chans=1), (1, 28, 28)
+    )
     counts = sasa.count(model, (1, 28, 28))
     assert counts.flops == 2 * counts.macs > 0 and counts.params == sum(p.numel() for p in model.parameters())
     assert counts.flops != conv.flops
@@ -116,3 +123,14 @@ def test_every_mixer_computes_the_same_on_channels_last_maps(name):
     torch.testing.assert_close(outputs[1], outputs[0])
     for g_last, g_contiguous in zip(grads[1], grads[0]):
         torch.testing.assert_close(g_last, g_contiguous)
+
+
+@pytest.mark.parametrize("name", [n for n in MIXER_INFO if n != "conv"])
+def test_the_cli_counts_every_mixer(name, capsys):
+    args = ["info", "--model", "resnet26", "--form", "conv_stem_attention", "--mixer", name, "--small-input"]
+    args += ["--width", "0.25", "--heads", "2", "--kernel-size", "3", "--resolution", "16", "--json"]
+    args += [f"--mixer-arg={key}={json.dumps(value)}" for key, value in MIXER_INFO[name].test_options.items()]
+    assert cli(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mixer"] == name and result["mixer_args"] == MIXER_INFO[name].test_options
+    assert result["flops"] == 2 * result["macs"] > 0

@@ -1,4 +1,5 @@
 """The ResNets: the paper's parameter and FLOP counts, torchvision's ResNet-50, forms and errors."""
+
 import pytest
 import torch
 import torchvision
@@ -22,7 +23,10 @@ def _check_against_paper(rows, params_tol, flops_tol):
     print(f"\n{'row':<34} {'params M':>9} {'paper':>6} {'rel':>7} {'GFLOPs':>7} {'paper':>6} {'rel':>7}")
     for label, c, gflops, mparams in rows:
         p, f = c.params / 1e6, c.flops / 1e9
-        print(f"{label:<34} {p:9.3f} {mparams:6.1f} {(p - mparams) / mparams:+7.4f} {f:7.3f} {gflops:6.1f} {(f - gflops) / gflops:+7.4f}")
+        print(
+            f"{label:<34} {p:9.3f} {mparams:6.1f} {(p - mparams) / mparams:+7.4f} "
+            f"{f:7.3f} {gflops:6.1f} {(f - gflops) / gflops:+7.4f}"
+        )
     for label, c, gflops, mparams in rows:
         assert _rel(c.params / 1e6, mparams) <= params_tol, (label, c)
         assert _rel(c.flops / 1e9, gflops) <= flops_tol(label), (label, c)
@@ -42,11 +46,25 @@ def test_table3_and_table4_counts_match_the_paper():
     """Measured (ours - paper) / paper. Table 4 (k = 3..11): params +0.13% .. +0.30%, GFLOPs -1.26% ..
     -4.28% (k = 11; the paper's FLOPs grow faster with k than ours). Table 3: params -0.17% .. +0.38%,
     GFLOPs -0.26% .. -2.77% (attention in every group)."""
-    table4 = [(f"resnet50 k={k}", sasa.count(sasa.create_model("resnet50", form="conv_stem_attention", kernel_size=k), 224), gflops, mparams)
-              for k, (gflops, mparams, _) in TABLE4.items()]
+    table4 = [
+        (
+            f"resnet50 k={k}",
+            sasa.count(sasa.create_model("resnet50", form="conv_stem_attention", kernel_size=k), 224),
+            gflops,
+            mparams,
+        )
+        for k, (gflops, mparams, _) in TABLE4.items()
+    ]
     _check_against_paper(table4, 0.0035, lambda label: 0.044)
-    table3 = [(f"resnet50 groups={groups}", sasa.count(sasa.create_model("resnet50", form="conv_stem_attention", attention_groups=groups), 224), gflops, mparams)
-              for groups, (gflops, mparams, _) in TABLE3.items()]
+    table3 = [
+        (
+            f"resnet50 groups={groups}",
+            sasa.count(sasa.create_model("resnet50", form="conv_stem_attention", attention_groups=groups), 224),
+            gflops,
+            mparams,
+        )
+        for groups, (gflops, mparams, _) in TABLE3.items()
+    ]
     _check_against_paper(table3, 0.004, lambda label: 0.028)
 
 
@@ -140,12 +158,14 @@ def test_importing_sasa_imports_no_optional_heavy_library():
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     code = (
         "import sys, sasa; heavy = ('timm', 'torchvision', 'torch._dynamo', 'torch.nn.attention.flex_attention'); "
         "print([m for m in heavy if m in sys.modules]); "
         "sasa.create_model('resnet26', block_attention='se', width=0.25); print('timm' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert out.split("\n")[:2] == ["[]", "True"], out

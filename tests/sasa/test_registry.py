@@ -42,7 +42,10 @@ def test_every_registered_mixer_is_exported_benchmarked_and_offered_by_the_cli(c
 
 def test_a_new_mixer_reaches_the_builders_and_the_benchmark_through_the_registry(toy_mixer):
     assert MIXERS["toy"] is toy_mixer and MIXER_INFO["toy"].impls == ("fast", "reference")
-    assert {"toy_fast": ("toy", "fast"), "toy_reference": ("toy", "reference")}.items() <= layer_benchmark._mixer_cases().items()
+    assert {
+        "toy_fast": ("toy", "fast"),
+        "toy_reference": ("toy", "reference"),
+    }.items() <= layer_benchmark._mixer_cases().items()
     layer = create_mixer("toy", 4, 4, 2, {"kernel_size": 5, "heads": 2, "impl": "reference"}, scale=3.0)
     assert (layer.kernel_size, layer.stride, layer.scale, layer.impl) == ((5, 5), (2, 2), 3.0, "reference")
     model = create_model("resnet26", width=0.125, small_input=True, form="conv_stem_attention", mixer="toy")

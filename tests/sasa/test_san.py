@@ -1,4 +1,5 @@
 """SAN's pairwise and patchwise vector attention (sasa.layers.san) against its definition."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,14 +50,18 @@ def _reference(layer, x):
                         p = layer.position.weight.view(2, 2) @ torch.tensor([dy / max(c, 1), dx / max(c, 1)], dtype=D)
                         relations.append(torch.cat([phi[:, i, j] - psi[:, i + dy, j + dx], p]))
                 # gamma (eval mode) maps each relation vector on its own; one call for the batch of them
-                logits = layer.gamma(torch.stack(relations)[:, :, None, None]).flatten(1)  # (in-image positions, out // share)
+                logits = layer.gamma(torch.stack(relations)[:, :, None, None]).flatten(
+                    1
+                )  # (in-image positions, out // share)
             else:
                 zeros = torch.zeros_like(psi[:, 0, 0])
                 keys = torch.stack([psi[:, i + dy, j + dx] if ok else zeros for (dy, dx), ok in zip(offsets, inside)])
                 patch = torch.cat([phi[:, i, j], keys.t().flatten()])  # psi channel-major
                 all_logits = layer.gamma(patch.view(1, -1, 1, 1)).view(-1, k * k).t()  # (k*k, out // share)
                 logits = all_logits[torch.tensor(inside)]
-            weights = (logits.softmax(dim=0) if layer.softmax else logits).repeat_interleave(share, dim=1)  # (in-image positions, out)
+            weights = (logits.softmax(dim=0) if layer.softmax else logits).repeat_interleave(
+                share, dim=1
+            )  # (in-image positions, out)
             values = torch.stack([val[:, i + dy, j + dx] for (dy, dx), ok in zip(offsets, inside) if ok])
             row.append((weights * values).sum(0))
         rows.append(torch.stack(row, dim=-1))
@@ -159,7 +164,9 @@ def _pairwise_params(cin, cout, k, share, reduction):
 
 def _patchwise_params(cin, cout, k, share, reduction):
     r, g, kk = cout // reduction, cout // share, k * k
-    return cin * (2 * r + cout) + cout + 2 * r * (kk + 1) + r * (kk + 1) * g + 2 * g + g * g * kk + g * kk  # + cout: beta's bias
+    return (
+        cin * (2 * r + cout) + cout + 2 * r * (kk + 1) + r * (kk + 1) * g + 2 * g + g * g * kk + g * kk
+    )  # + cout: beta's bias
 
 
 def _pairwise_macs(cin, cout, k, share, reduction, H, W):
@@ -193,4 +200,7 @@ def test_parameters_and_flops_match_closed_forms(cls, k, stride):
 
 @pytest.mark.parametrize("cls", LAYERS)
 def test_extra_repr_names_the_options(cls):
-    assert cls(4, 8, 2, kernel_size=5, share=4, reduction=2).extra_repr() == f"4, 8, stride=2, kernel_size=5, share=4, reduction=2, softmax={cls is SANPairwise2d}, impl='fast'"
+    assert (
+        cls(4, 8, 2, kernel_size=5, share=4, reduction=2).extra_repr()
+        == f"4, 8, stride=2, kernel_size=5, share=4, reduction=2, softmax={cls is SANPairwise2d}, impl='fast'"
+    )

@@ -1,4 +1,5 @@
 """Properties of the SASA layer the paper relies on."""
+
 import math
 
 import pytest
@@ -60,7 +61,9 @@ def test_translation_equivariant_away_from_borders(pos_enc):
     shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
     out, out_shifted = layer(x), layer(shifted)
     m = k // 2 + max(dy, dx)  # pixels whose windows never touch a border or the wrapped-around seam
-    torch.testing.assert_close(out_shifted[..., m + dy : 20 - m + dy, m + dx : 20 - m + dx], out[..., m : 20 - m, m : 20 - m])
+    torch.testing.assert_close(
+        out_shifted[..., m + dy : 20 - m + dy, m + dx : 20 - m + dx], out[..., m : 20 - m, m : 20 - m]
+    )
 
 
 def test_absolute_encoding_breaks_translation_equivariance():
@@ -73,7 +76,10 @@ def test_absolute_encoding_breaks_translation_equivariance():
 def _sinusoid(n, pos):
     """n channels encoding one coordinate: ceil(n/2) sines, then cosines, of pos / 10000^(2i/n)."""
     sines = (n + 1) // 2
-    return [math.sin(pos / 10000 ** (2 * c / n)) if c < sines else math.cos(pos / 10000 ** (2 * (c - sines) / n)) for c in range(n)]
+    return [
+        math.sin(pos / 10000 ** (2 * c / n)) if c < sines else math.cos(pos / 10000 ** (2 * (c - sines) / n))
+        for c in range(n)
+    ]
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
@@ -90,16 +96,28 @@ def test_absolute_encoding_matches_explicit_formula_forward_and_backward(impl):
     for h in range(heads):
         for i in range(H):
             for j in range(W):
-                window = [(a, b) for a in range(i - c, i + c + 1) for b in range(j - c, j + c + 1) if 0 <= a < H and 0 <= b < W]
-                logits = torch.stack([q[h, :, i, j] @ (k[h, :, a, b] + torch.tensor(_sinusoid(hd // 2, a) + _sinusoid(hd // 2, b), dtype=D))
-                                      for a, b in window])
+                window = [
+                    (a, b)
+                    for a in range(i - c, i + c + 1)
+                    for b in range(j - c, j + c + 1)
+                    if 0 <= a < H and 0 <= b < W
+                ]
+                logits = torch.stack(
+                    [
+                        q[h, :, i, j]
+                        @ (k[h, :, a, b] + torch.tensor(_sinusoid(hd // 2, a) + _sinusoid(hd // 2, b), dtype=D))
+                        for a, b in window
+                    ]
+                )
                 pixels.append(logits.softmax(0) @ torch.stack([v[h, :, a, b] for a, b in window]))
     expected = torch.stack(pixels).view(heads, H, W, hd).permute(0, 3, 1, 2).reshape(1, heads * hd, H, W)
     out = layer(x)
     torch.testing.assert_close(out, expected)
     weights = torch.randn_like(out)
     leaves = [x, layer.qkv.weight]
-    for g, g_expected in zip(torch.autograd.grad((out * weights).sum(), leaves), torch.autograd.grad((expected * weights).sum(), leaves)):
+    for g, g_expected in zip(
+        torch.autograd.grad((out * weights).sum(), leaves), torch.autograd.grad((expected * weights).sum(), leaves)
+    ):
         torch.testing.assert_close(g, g_expected)
 
 
@@ -153,4 +171,6 @@ def test_ceil_average_pool_equals_torch_ceil_mode_forward_and_backward(H, W):
     ours, torchs = CeilAvgPool2d()(x), torch.nn.AvgPool2d(2, 2, ceil_mode=True)(x)
     torch.testing.assert_close(ours, torchs)
     w = torch.randn_like(ours)
-    torch.testing.assert_close(torch.autograd.grad((ours * w).sum(), x)[0], torch.autograd.grad((torchs * w).sum(), x)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad((ours * w).sum(), x)[0], torch.autograd.grad((torchs * w).sum(), x)[0]
+    )

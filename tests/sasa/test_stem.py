@@ -1,5 +1,6 @@
 """The attention stems compute the paper's attention within 4x4 tiles, with spatially-aware values,
 plain values or values from a 3x3 convolution (the paper's stem ablation)."""
+
 import pytest
 import torch
 
@@ -17,8 +18,12 @@ def _value(layer, x, a, c, sl):
         return W_V[sl, :, 0, 0] @ x[0, :, a, c]
     if layer.value_kind == "conv":  # sum over the 3x3 neighbours inside the image
         H, W = x.shape[-2:]
-        return sum(W_V[sl, :, 1 + di, 1 + dj] @ x[0, :, a + di, c + dj]
-                   for di in (-1, 0, 1) for dj in (-1, 0, 1) if 0 <= a + di < H and 0 <= c + dj < W)
+        return sum(
+            W_V[sl, :, 1 + di, 1 + dj] @ x[0, :, a + di, c + dj]
+            for di in (-1, 0, 1)
+            for dj in (-1, 0, 1)
+            if 0 <= a + di < H and 0 <= c + dj < W
+        )
     p = ((layer.emb_row[a % b] + layer.emb_col[c % b]) @ layer.mixture_logits.t()).softmax(0)
     per_mixture = (W_V[:, :, 0, 0] @ x[0, :, a, c]).view(layer.mixtures, C)
     return (p[:, None] * per_mixture[:, sl]).sum(0)
@@ -33,13 +38,20 @@ def _explicit(layer, x):
     out = torch.zeros(B, C, H, W, dtype=x.dtype)
     for i in range(H):
         for j in range(W):
-            keys = [(a, c) for a in range(i - i % b, i - i % b + b) for c in range(j - j % b, j - j % b + b) if a < H and c < W]
+            keys = [
+                (a, c)
+                for a in range(i - i % b, i - i % b + b)
+                for c in range(j - j % b, j - j % b + b)
+                if a < H and c < W
+            ]
             for h in range(heads):
                 sl = slice(h * hd, (h + 1) * hd)
                 q = qk[0, sl, i, j]
                 logits, values = [], []
                 for a, c in keys:
-                    r = torch.cat([layer.rel_row[h, :, a % b - i % b + b - 1], layer.rel_col[h, :, c % b - j % b + b - 1]])
+                    r = torch.cat(
+                        [layer.rel_row[h, :, a % b - i % b + b - 1], layer.rel_col[h, :, c % b - j % b + b - 1]]
+                    )
                     logits.append(q @ (qk[0, C + h * hd : C + (h + 1) * hd, a, c] + r))
                     values.append(_value(layer, x, a, c, sl))
                 out[0, sl, i, j] = torch.stack(logits).softmax(0) @ torch.stack(values)
@@ -56,7 +68,9 @@ def test_stem_attention_matches_explicit_formula_forward_and_backward(H, W, valu
     torch.testing.assert_close(out, ref)
     weights = torch.randn_like(out)
     params = [x, *layer.parameters()]
-    for g, g_ref in zip(torch.autograd.grad((out * weights).sum(), params), torch.autograd.grad((ref * weights).sum(), params)):
+    for g, g_ref in zip(
+        torch.autograd.grad((out * weights).sum(), params), torch.autograd.grad((ref * weights).sum(), params)
+    ):
         torch.testing.assert_close(g, g_ref)
 
 
@@ -72,7 +86,10 @@ def test_plain_values_are_spatially_aware_values_with_one_mixture():
 def test_stem_flops_differ_exactly_by_how_the_values_are_computed():
     """Counted by torch's flop counter; the differences are closed forms (2 FLOPs per multiply-add)."""
     cin, C, H, W, m, b = 3, 16, 12, 12, 4, 4
-    flops = {v: sasa.count(StemAttention2d(cin, C, heads=2, mixtures=m, values=v), (cin, H, W)).flops for v in ("plain", "conv", "spatially_aware")}
+    flops = {
+        v: sasa.count(StemAttention2d(cin, C, heads=2, mixtures=m, values=v), (cin, H, W)).flops
+        for v in ("plain", "conv", "spatially_aware")
+    }
     assert flops["conv"] - flops["plain"] == 2 * H * W * C * cin * (3 * 3 - 1)
     # m projections instead of one, the per-pixel mixing, and the b x b x m mixing weights (emb . nu)
     assert flops["spatially_aware"] - flops["plain"] == 2 * (H * W * C * cin * (m - 1) + H * W * m * C + b * b * m * C)
@@ -80,8 +97,20 @@ def test_stem_flops_differ_exactly_by_how_the_values_are_computed():
 
 @pytest.mark.parametrize("stem", ["attention", "attention_plain", "attention_conv_values"])
 def test_every_attention_stem_builds_a_resnet_and_trains_a_step(stem):
-    model = sasa.create_model("resnet26", form="conv_stem_attention", stem=stem, width=0.125, heads=2, small_input=True, num_classes=10, in_chans=1)
-    assert model.stem.attn.value_kind == {"attention": "spatially_aware", "attention_plain": "plain", "attention_conv_values": "conv"}[stem]
+    model = sasa.create_model(
+        "resnet26",
+        form="conv_stem_attention",
+        stem=stem,
+        width=0.125,
+        heads=2,
+        small_input=True,
+        num_classes=10,
+        in_chans=1,
+    )
+    assert (
+        model.stem.attn.value_kind
+        == {"attention": "spatially_aware", "attention_plain": "plain", "attention_conv_values": "conv"}[stem]
+    )
     model(torch.randn(2, 1, 16, 16)).logsumexp(-1).sum().backward()
     assert all(p.grad is not None for p in model.stem.parameters() if p.requires_grad)
 
@@ -103,8 +132,15 @@ def test_stems_downsample_by_4_or_1(make, small_input, size, expected):
     assert stem(torch.randn(1, 3, size, size)).shape == (1, 16, expected, expected)
 
 
-@pytest.mark.parametrize("kwargs,name", [(dict(mixtures=0), "mixtures"), (dict(out_channels=10, heads=4), "out_channels"), (dict(pos_enc="absolute"), "pos_enc"),
-                                         (dict(values="convolution"), "values")])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(mixtures=0), "mixtures"),
+        (dict(out_channels=10, heads=4), "out_channels"),
+        (dict(pos_enc="absolute"), "pos_enc"),
+        (dict(values="convolution"), "values"),
+    ],
+)
 def test_stem_bad_arguments(kwargs, name):
     args = dict(in_channels=3, out_channels=16, heads=2)
     args.update(kwargs)

@@ -1,53 +1,15 @@
-"""The transformer families beside the ResNets: timm's models and CvT from params files, trained by
-the real Trainer, counted exactly (ViT's closed form; fused attention counted as its math path);
-CvT's convolutions and the ST-MoE layer against slow references and hand-computed values."""
-import functools
+"""The transformer families beside the ResNets: counted exactly (ViT's closed form; fused attention
+counted as its math path); CvT's convolutions and the ST-MoE layer against slow references and
+hand-computed values. (From params files and in the pipeline: tests/pipeline/test_transformer_families.py.)"""
+
 import math
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sasa
-from pipeline import preset
-from pipeline.config import ConfigError, DataConfig, TrainConfig, validate
-from pipeline.data import PreparedDataModule
-from pipeline.module import Classifier, build_trainer
 from sasa.layers.moe import MoEMlp, aux_loss, reference_moe_mlp
 from sasa.models.cvt import ConvEmbedding, ConvProjection, reference_conv_embedding, reference_conv_projection
-from tests.conftest import REPO, TINY
-
-
-@functools.cache
-def _preset():
-    return validate(preset.resolve(REPO / "configs" / "transformers.yaml"), "transformers.yaml")
-
-
-FAMILIES = ("vit", "vit_moe", "maxvit", "coatnet", "levit", "mvitv2", "cvt")
-
-
-def test_the_preset_holds_every_family_and_sweeps_a_timm_option():
-    cfg = _preset()
-    assert set(FAMILIES) <= set(cfg.models.variants)
-    kinds = {cfg.models.resolved(v).build(num_classes=10, in_chans=1).config.get("family") for v in FAMILIES}
-    assert kinds == {"ViT", "MaxViT", "CoAtNet", "LeViT", "MViTv2", None}  # CvT is this library's
-    assert cfg.sweep.base == "vit" and "model_args.patch_size" in cfg.sweep.space
-    vit, moe = (cfg.models.resolved(v).build(num_classes=10, in_chans=1).config for v in ("vit", "vit_moe"))
-    assert moe == {**vit, "moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 1.25}}  # runs of the two never pool
-
-
-@pytest.mark.parametrize("variant", FAMILIES)
-def test_each_family_builds_from_params_and_trains_one_real_step(variant, prepared_mnist):
-    arch = _preset().models.resolved(variant)
-    train = TrainConfig(**{**TINY["train"], "epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "warmup_epochs": 0})
-    module = Classifier(arch.model_dump(), 10, 1, train.model_dump(), resolution=32)
-    before = [p.detach().clone() for p in module.parameters()]
-    trainer = build_trainer(train, logger=False, enable_checkpointing=False)
-    trainer.fit(module, datamodule=PreparedDataModule(DataConfig(**{**TINY["data"], "resolution": 32}), 32, prepared_mnist))
-    assert trainer.global_step == 1 and math.isfinite(float(trainer.callback_metrics["train_loss"]))
-    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters())), "one step changed no weight"
-    moe_logged = {k for k in trainer.callback_metrics if k.startswith("moe_")}
-    assert moe_logged == ({"moe_load_balance", "moe_router_z", "moe_dropped_fraction"} if variant == "vit_moe" else set())
 
 
 def _vit_closed_form(img, patch, dim, depth, classes, chans):
@@ -55,35 +17,36 @@ def _vit_closed_form(img, patch, dim, depth, classes, chans):
     projection and a 4x MLP over N = patches + 1 tokens, the head on the class token."""
     n = (img // patch) ** 2 + 1
     macs = (n - 1) * dim * chans * patch**2 + depth * (12 * n * dim**2 + 2 * n**2 * dim) + dim * classes
-    params = chans * patch**2 * dim + dim + dim + n * dim + depth * (12 * dim**2 + 13 * dim) + 2 * dim + dim * classes + classes
+    params = (
+        chans * patch**2 * dim
+        + dim
+        + dim
+        + n * dim
+        + depth * (12 * dim**2 + 13 * dim)
+        + 2 * dim
+        + dim * classes
+        + classes
+    )
     return macs, params
 
 
-@pytest.mark.parametrize("img,patch,dim,depth,heads,classes,chans", [(32, 4, 64, 4, 4, 10, 1), (224, 16, 192, 12, 3, 1000, 3)])
+@pytest.mark.parametrize(
+    "img,patch,dim,depth,heads,classes,chans", [(32, 4, 64, 4, 4, 10, 1), (224, 16, 192, 12, 3, 1000, 3)]
+)
 def test_vit_counts_match_the_closed_form(img, patch, dim, depth, heads, classes, chans):
-    model = sasa.create_model("timm:vit_tiny_patch16_224", num_classes=classes, in_chans=chans, img_size=img, patch_size=patch,
-                              embed_dim=dim, depth=depth, num_heads=heads)
+    model = sasa.create_model(
+        "timm:vit_tiny_patch16_224",
+        num_classes=classes,
+        in_chans=chans,
+        img_size=img,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+    )
     macs, params = _vit_closed_form(img, patch, dim, depth, classes, chans)
     counts = sasa.count(model, (chans, img, img))
     assert (counts.macs, counts.params, counts.flops) == (macs, params, 2 * macs)
-
-
-@pytest.mark.parametrize("variant", [v for v in FAMILIES if v != "cvt"])
-def test_fused_attention_counts_as_its_math_path(variant):
-    """The CPU's fused attention kernel (which the counter alone scores 0) counts exactly what the
-    unfused math path's matmuls count, for every timm family; parameters are timm's own."""
-    arch = _preset().models.resolved(variant)
-    model = arch.build(num_classes=10, in_chans=1)
-    fused = sasa.count(model, (1, 32, 32))
-    with sdpa_kernel(SDPBackend.MATH):
-        math_path = sasa.count(model, (1, 32, 32))
-    assert fused == math_path
-    import timm
-
-    kwargs = {k: v for k, v in arch.model_args.items() if k != "moe"}
-    if "moe" not in arch.model_args:
-        twin = timm.create_model(arch.model_name.split(":", 1)[1], pretrained=False, num_classes=10, in_chans=1, **kwargs)
-        assert fused.params == sum(p.numel() for p in twin.parameters())
 
 
 def test_cvt13_has_the_papers_size():
@@ -112,14 +75,18 @@ def test_cvt_convolutional_projection_equals_its_tokenwise_reference(stride):
     proj.norm.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 6, 7, 5, dtype=torch.float64, requires_grad=True)
     fast, ref = proj(x), reference_conv_projection(proj, x)
-    assert fast.shape == ref.shape == (2, math.ceil(7 / stride) * math.ceil(5 / stride), 6) and torch.allclose(fast, ref)
+    assert fast.shape == ref.shape == (2, math.ceil(7 / stride) * math.ceil(5 / stride), 6) and torch.allclose(
+        fast, ref
+    )
     g = torch.randn_like(fast)
     assert torch.allclose(torch.autograd.grad(fast, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
 def test_cvt_attention_reads_a_quarter_of_the_keys_with_kv_stride_2():
     torch.manual_seed(0)
-    model = sasa.create_model("cvt13", depths=(1,), dims=(8,), heads=(2,), embed_kernels=(3,), embed_strides=(1,), num_classes=3)
+    model = sasa.create_model(
+        "cvt13", depths=(1,), dims=(8,), heads=(2,), embed_kernels=(3,), embed_strides=(1,), num_classes=3
+    )
     seen = []
     model.stages[0].blocks[0].attn.k.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
     model(torch.randn(1, 3, 8, 8))
@@ -144,7 +111,9 @@ def test_moe_routes_each_token_to_its_top_k_experts_and_equals_the_reference(top
     assert torch.allclose(y, ref)
     g = torch.randn_like(y)
     params = (x, layer.w1, layer.w2, layer.router.weight)
-    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)))
+    assert all(
+        torch.allclose(a, b) for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g))
+    )
 
 
 def test_moe_drops_choices_over_capacity_first_choices_first():
@@ -171,7 +140,9 @@ def test_moe_auxiliary_losses_match_hand_computed_values():
     """Two experts, three tokens with router logits (ln 3, 0), (0, ln 3), (0, 0)."""
     layer = _moe(num_experts=2, top_k=1, capacity_factor=2.0)
     with torch.no_grad():
-        layer.router.weight.copy_(torch.tensor([[math.log(3), 0, 0, 0, 0, 0], [0, math.log(3), 0, 0, 0, 0]], dtype=torch.float64))
+        layer.router.weight.copy_(
+            torch.tensor([[math.log(3), 0, 0, 0, 0, 0], [0, math.log(3), 0, 0, 0, 0]], dtype=torch.float64)
+        )
     x = torch.tensor([[1.0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.float64)
     layer(x)
     # probabilities: (3/4, 1/4), (1/4, 3/4), (1/2, 1/2); first choices: 0, 1, 0 (a tie goes to the lower index)
@@ -185,8 +156,16 @@ def test_moe_auxiliary_losses_match_hand_computed_values():
 
 
 def test_moe_is_the_mlp_of_a_timm_vit_and_its_options_are_checked():
-    model = sasa.create_model("timm:vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=2,
-                              num_heads=2, moe={"num_experts": 3, "top_k": 1})
+    model = sasa.create_model(
+        "timm:vit_tiny_patch16_224",
+        num_classes=10,
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        moe={"num_experts": 3, "top_k": 1},
+    )
     assert [type(b.mlp) for b in model.blocks] == [MoEMlp, MoEMlp]
     model(torch.randn(2, 3, 16, 16))
     total, parts = aux_loss(model)
@@ -195,79 +174,3 @@ def test_moe_is_the_mlp_of_a_timm_vit_and_its_options_are_checked():
         sasa.create_model("timm:vit_tiny_patch16_224", moe={"num_experts": 3, "top_k": 5})
     with pytest.raises(ValueError, match="unexpected keyword argument 'experts'"):
         sasa.create_model("timm:vit_tiny_patch16_224", moe={"experts": 3})
-
-
-@pytest.mark.parametrize("variant,message", [
-    ({"model": "timm:vit_tiny_patch16_22"}, "is not a timm model; close matches: timm:vit_tiny_patch16_224"),
-    ({"model": "timm:vit_tiny_patch16_224", "model_args": {"img_size": 32, "patch_sz": 4}}, "unexpected keyword argument 'patch_sz'"),
-    ({"model": "timm:vit_tiny_patch16_224", "model_args": {"pretrained": True}}, "built untrained here"),
-    ({"model": "timm:vit_tiny_patch16_224", "model_args": {"img_size": 32}, "heads": 2}, "heads: ResNet keys"),
-    ({"model": "timm:vit_tiny_patch16_224"}, "does not fit models.variants.bad: it fails on 28 px images"),
-    ({"model": "resnet26", "model_args": {"img_size": 32}}, "model_args is for non-ResNet models"),
-])
-def test_bad_model_variants_name_the_key_and_what_is_allowed(variant, message):
-    params = {**TINY, "models": {**TINY["models"], "variants": {"bad": variant}}, "sweep": {**TINY["sweep"], "base": "bad"}}
-    with pytest.raises(ConfigError, match=message):
-        validate(params, "test params")
-
-
-def test_a_timm_option_is_swept_like_any_other_key():
-    models = {**TINY["models"], "variants": {"vit": {"model": "timm:vit_tiny_patch16_224",
-                                                     "model_args": {"img_size": 28, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}}}}
-    cfg = validate({**TINY, "models": models, "sweep": {**TINY["sweep"], "base": "vit", "space": {"model_args.patch_size": [7, 14]}}}, "t")
-    assert cfg.trial_arch({"model_args.patch_size": 7}).model_args == {**models["variants"]["vit"]["model_args"], "patch_size": 7}
-    with pytest.raises(ConfigError, match=r"sweep.space {'model_args.img_size': 32}: data.resolution=28 does not fit: it fails on 28 px"):
-        validate({**TINY, "models": models, "sweep": {**TINY["sweep"], "base": "vit", "space": {"model_args.img_size": [32]}}}, "t")
-
-
-@pytest.mark.slow
-def test_transformers_train_sweep_and_report_beside_a_resnet(workdir):
-    """The train stage, a real Ray Tune sweep over a timm option, and the report, as for a ResNet:
-    resolved params, one marker (kind) per family, the swept value in the trial's run."""
-    import csv
-
-    import mlflow
-    import yaml
-
-    from pipeline.config import load_config
-    from pipeline.report import report
-    from pipeline.train import train
-    from tests.conftest import run_module, write_params
-
-    vit = {"model": "timm:vit_tiny_patch16_224", "model_args": {"img_size": 28, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}}
-    cvt = {"model": "cvt13", "model_args": {"depths": [1, 1], "dims": [8, 16], "heads": [1, 2], "embed_kernels": [3, 3], "embed_strides": [2, 2]}}
-    write_params(workdir, {
-        "models": {"variants": {"conv": {"form": "conv"}, "vit": vit, "cvt": cvt}},
-        "train": {"seeds": [0], "epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db"},
-        "sweep": {"base": "vit", "train": {}, "scheduler": {"type": "fifo"}},
-    })
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params["sweep"]["space"] = {"model_args.patch_size": [7]}  # in place of the tiny params' kernel_size
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cfg = load_config("params.yaml")
-    for variant in cfg.models.variants:
-        train(cfg, variant)
-    sweep = run_module("pipeline.sweep", cwd=workdir)
-    assert sweep.returncode == 0, sweep.stderr[-3000:]
-    (row,) = csv.DictReader((workdir / "sweep" / "results.csv").open())
-    assert row["model_args.patch_size"] == "7" and row["kernel_size"] == "" and int(row["epochs"]) == 1
-    report(cfg)
-
-    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
-    trial = next(r for r in runs if r.data.tags.get("sasa.kind") == "sweep_trial")
-    assert trial.data.params["resolved/patch_size"] == "7" and trial.data.params["resolved/family"] == '"ViT"'
-    trained = {r.data.tags["sasa.variant"]: r for r in runs if r.data.tags.get("sasa.kind") == "train"}
-    assert trained["vit"].data.params["resolved/patch_size"] == "4" and trained["vit"].data.metrics["flops"] > 0
-    loaded = mlflow.pytorch.load_model(f"runs:/{trained['cvt'].info.run_id}/model")
-    assert loaded(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
-
-    kinds = {r["configuration"]: r["kind"] for r in csv.DictReader((workdir / "reports" / "results.csv").open())}
-    assert kinds["vit"] == "ViT" and kinds["cvt"] == "CvT" and kinds["conv"] == "conv"
-    md = (workdir / "reports" / "results.md").read_text()
-    assert "| vit | timm:vit_tiny_patch16_224 | - | ViT |" in md and "| cvt | cvt13 | - | CvT |" in md
-    families = md.split("## Model families beyond the ResNets", 1)[1].split("\n## ", 1)[0]
-    assert "Baseline: the conv ResNet-26 (conv)" in families
-    assert "| CvT | cvt |" in families and "| ViT | vit |" in families
-    assert "| ViT | tiny model_args.patch_size=7 |" in families  # the trial, labelled by its swept value

@@ -9,8 +9,7 @@ import yaml
 
 from pipeline.config import validate
 from pipeline.identity import RUNTIME_KEYS
-from tests.conftest import REPO
-from tests.test_config import _leaves, _within
+from tests.helpers import REPO, leaves, within
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -43,17 +42,17 @@ def _stages(cfg) -> dict[str, tuple[str, list[str], dict]]:
 
 def test_each_stage_tracks_the_sections_it_reads_less_the_runtime_keys():
     cfg = validate(PARAMS, "params.yaml", builds=())
-    keys = _leaves(cfg.params_file())
+    keys = leaves(cfg.params_file())
     assert RUNTIME_KEYS <= keys, "a run-time key that params.yaml does not have"
     stages = _stages(cfg)
     assert {kind for kind, _, _ in stages.values()} == set(SECTIONS)
     for stage, (kind, listed, values) in stages.items():
         sections = [s.format(**values) for s in SECTIONS[kind]]
-        wanted = {k for k in keys if any(_within(k, s) for s in sections)} - RUNTIME_KEYS
+        wanted = {k for k in keys if any(within(k, s) for s in sections)} - RUNTIME_KEYS
         wanted |= READS_RUNS_FROM.get(kind, set())
         if kind == "prepare":
             wanted -= APPLIED_WHEN_TRAINING
-        tracked = {k for k in keys if any(_within(k, entry) for entry in listed)}
+        tracked = {k for k in keys if any(within(k, entry) for entry in listed)}
         assert tracked == wanted, (
             f"{stage}: not tracked {sorted(wanted - tracked)}, not wanted {sorted(tracked - wanted)}"
         )
