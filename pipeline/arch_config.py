@@ -74,7 +74,7 @@ class ArchConfig(Section):
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
     def build(self, num_classes: int, in_chans: int):
-        check_model(self.model_name)
+        check_model(self.model_name, task="classification")  # the pipeline trains classifiers
         if self.is_resnet:
             if self.model_args is not None:
                 raise ValueError(

@@ -1,4 +1,4 @@
-from sasa.models import cvt, resnet  # noqa: F401  (registers CvT and the ResNets)
+from sasa.models import cvt, resnet, retinanet  # noqa: F401  (registers CvT, the ResNets and the detectors)
 from sasa.models.registry import create_model, is_resnet, is_timm, list_models, model_family, register_model
 from sasa.models.resnet import FORMS, ResNet, from_torchvision_state_dict
 

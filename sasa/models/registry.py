@@ -13,24 +13,31 @@ from sasa.models.timm_source import create_timm_model
 from sasa.models.timm_source import family as timm_family
 
 RESNET = "ResNet"
-_MODELS = {}  # name -> (builder, family)
+TASKS = ("classification", "detection")
+_MODELS = {}  # name -> (builder, family, task)
 
 
-def register_model(*, family: str):
+def register_model(*, family: str, task: str = "classification"):
     """Decorator: ``@register_model(family="ResNet")`` adds the builder under its function name."""
+    check_choice("task", task, TASKS)
 
     def add(builder):
         if builder.__name__ in _MODELS:
             raise ValueError(f"model {builder.__name__!r} is registered twice")
-        _MODELS[builder.__name__] = (builder, family)
+        _MODELS[builder.__name__] = (builder, family, task)
         return builder
 
     return add
 
 
-def list_models(family: str | None = None):
-    """This library's own models (of one family); any timm model is also available as ``timm:NAME``."""
-    return sorted(name for name, (_, fam) in _MODELS.items() if family is None or fam == family)
+def list_models(family: str | None = None, task: str | None = None):
+    """This library's own models (of one family, for one task); any timm classifier is also available
+    as ``timm:NAME``."""
+    return sorted(
+        name
+        for name, (_, fam, tsk) in _MODELS.items()
+        if (family is None or fam == family) and (task is None or tsk == task)
+    )
 
 
 def is_timm(name: str) -> bool:
@@ -38,7 +45,7 @@ def is_timm(name: str) -> bool:
 
 
 def model_family(name: str) -> str:
-    """``ResNet``, ``CvT``, or a timm model's family (``timm:vit_small_patch16_224`` -> ``ViT``)."""
+    """``ResNet``, ``CvT``, ``RetinaNet``, or a timm model's family (``timm:vit_small_patch16_224`` -> ``ViT``)."""
     if is_timm(name):
         return timm_family(name[len(TIMM_PREFIX) :])
     check_model(name)
@@ -50,10 +57,13 @@ def is_resnet(name: str) -> bool:
     return not is_timm(name) and name in _MODELS and _MODELS[name][1] == RESNET
 
 
-def check_model(name):
-    """A ValueError naming the allowed models, unless ``name`` is one (a timm name is checked by timm_source)."""
-    if not is_timm(name):
-        check_choice("model", name, (*list_models(), f"{TIMM_PREFIX}NAME (a timm model)"))
+def check_model(name, task: str | None = None):
+    """A ValueError naming the allowed models (for ``task``), unless ``name`` is one (a timm name, a
+    classifier, is checked by timm_source)."""
+    if is_timm(name) and task in (None, "classification"):
+        return
+    timm = (f"{TIMM_PREFIX}NAME (a timm model)",) if task in (None, "classification") else ()
+    check_choice("model", name, (*list_models(task=task), *timm))
 
 
 def create_model(name, **kwargs):

@@ -1,7 +1,8 @@
 """Every FLOP formula this project registers with ``torch.utils.flop_counter`` (the local-attention
 op's forward and backward in ``sasa.ops.local_attention``, the CPU fused attention's backward in
-``sasa.counting``; its forward: tests/test_transformers.py) agrees with an independent count of the
-same computation written as matrix products, which the counter scores by its own formulas."""
+``sasa.counting``; its forward: tests/pipeline/test_transformer_families.py) agrees with an
+independent count of the same computation written as matrix products, which the counter scores by
+its own formulas."""
 
 import pytest
 import torch

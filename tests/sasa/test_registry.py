@@ -10,6 +10,7 @@ from sasa.__main__ import main as cli
 from sasa.layers import MIXER_INFO, MIXERS, create_mixer
 from sasa.layers.registry import register_mixer
 from sasa.models import create_model, is_resnet, list_models, model_family
+from sasa.models.registry import check_model
 
 
 @pytest.fixture
@@ -61,8 +62,16 @@ def test_a_name_is_registered_once(toy_mixer):
 
 def test_models_register_with_their_family():
     assert list_models(family="ResNet") == ["resnet26", "resnet38", "resnet50"]
-    assert set(list_models()) == {"resnet26", "resnet38", "resnet50", "cvt13", "cvt21"}
+    assert list_models(family="RetinaNet") == ["retinanet_resnet26", "retinanet_resnet38", "retinanet_resnet50"]
+    families = ("ResNet", "RetinaNet")
+    assert set(list_models()) == {"cvt13", "cvt21", *(name for f in families for name in list_models(family=f))}
     assert [model_family(n) for n in ("resnet50", "cvt13", "timm:vit_tiny_patch16_224")] == ["ResNet", "CvT", "ViT"]
     assert is_resnet("resnet38") and not is_resnet("cvt13") and not is_resnet("timm:resnet50")
     with pytest.raises(ValueError, match="model='resnet51' is not supported"):
         model_family("resnet51")
+    assert list_models(task="detection") == list_models(family="RetinaNet")
+    check_model("timm:vit_tiny_patch16_224", task="classification")
+    with pytest.raises(ValueError, match=r"allowed: 'cvt13', 'cvt21', 'resnet26', 'resnet38', 'resnet50', 'timm:NAME"):
+        check_model("retinanet_resnet50", task="classification")
+    with pytest.raises(ValueError, match=r"model='timm:vit_tiny_patch16_224' is not supported; allowed: 'retinanet_"):
+        check_model("timm:vit_tiny_patch16_224", task="detection")
