@@ -4,7 +4,7 @@ A training run is resumed (``run.json``) and found again by the report through i
 sweep through its own; runs of one recipe are compared across stages. ``RUNTIME_KEYS`` is the one
 definition of what does not change a result: every fingerprint leaves those keys out (through
 ``result_dump``), and so do the stages' DVC params (``dvc.yaml``, checked against this module by
-``tests/test_identity.py``), so changing one re-runs and re-identifies nothing.
+``tests/pipeline/test_identity.py``), so changing one re-runs and re-identifies nothing.
 """
 
 from __future__ import annotations
