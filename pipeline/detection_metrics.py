@@ -1,0 +1,20 @@
+"""COCO mAP of a detector's predictions, through torchmetrics' ``MeanAveragePrecision`` (pycocotools'
+evaluation): mAP over IoU 0.50:0.95, mAP@50, mAP@75 and mAP of small, medium and large objects,
+the columns of the paper's Table 2."""
+
+from __future__ import annotations
+
+import math
+
+COLUMNS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+
+
+def coco_map(predictions: list[dict], targets: list[dict]) -> dict[str, float]:
+    """``predictions``: per image ``boxes`` (N, 4) xyxy, ``scores`` (N,), ``labels`` (N,); ``targets``:
+    per image ``boxes`` and ``labels``. A size class no object falls in is NaN (COCO's -1)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+    metric.update(predictions, targets)
+    result = metric.compute()
+    return {key: (math.nan if float(result[key]) < 0 else float(result[key])) for key in COLUMNS}
