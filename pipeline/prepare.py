@@ -133,7 +133,7 @@ def _cifar10(cfg: Config):
     return splits, classes, bad
 
 
-def _image_problem(path: Path):
+def image_problem(path: Path):
     """Why the data loader could not read this image, or None: it is decoded in full, as training
     reads it (``convert`` loads every pixel; PIL raises on truncated files)."""
     try:
@@ -149,13 +149,13 @@ def _image_problem(path: Path):
 
 
 def _image_problems(paths: list[Path], desc: str):
-    """``_image_problem`` of each path, on a pool of threads (PIL releases the GIL while decoding;
+    """``image_problem`` of each path, on a pool of threads (PIL releases the GIL while decoding;
     ImageNet has 1.28 M files), in chunks so that there are few futures."""
     chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]
     problems, pool = [], ThreadPoolExecutor()
     try:
         with tqdm(total=len(paths), desc=desc, unit="img", disable=None) as bar:
-            for done in pool.map(lambda chunk: [_image_problem(p) for p in chunk], chunks):
+            for done in pool.map(lambda chunk: [image_problem(p) for p in chunk], chunks):
                 problems += done
                 bar.update(len(done))
     finally:
