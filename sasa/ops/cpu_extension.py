@@ -32,8 +32,11 @@ OPENMP = ["-fopenmp"] if platform.system() == "Linux" else []
 def _name():
     """-march=native code must not be loaded on another CPU model (a shared home directory on a
     cluster): the build folder is keyed by the machine and the CPU's description. It is keyed by
-    the sources and headers too, because torch's rebuild check does not look at included headers."""
+    the sources and headers too, because torch's rebuild check does not look at included headers,
+    and by the torch installation, whose paths the build file names: two environments sharing one
+    folder would rebuild it in turn."""
     cpu = platform.machine() + platform.processor() + "".join(p.read_text() for p in sorted(CSRC.iterdir()))
+    cpu += str(Path(torch.__file__).resolve().parent)
     try:
         cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
