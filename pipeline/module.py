@@ -85,7 +85,40 @@ class StopAtBatchEnd(pl.Callback):
     on_fit_end = on_exception = _restore
 
 
-class Classifier(pl.LightningModule):
+class TrainedModule(pl.LightningModule):
+    """What every model the pipeline trains shares: the optimizer (no weight decay on 1-D parameters),
+    the peak learning rate and the warm-up + cosine schedule, all from ``self.train_cfg``."""
+
+    train_cfg: TrainConfig
+
+    def peak_lr(self) -> float:
+        """``train.lr``, or with ``lr_reference_batch`` set, ``lr`` per that many images scaled
+        linearly to the global batch (batch_size x devices x nodes): the paper's 1.6 at 4096."""
+        cfg = self.train_cfg
+        if cfg.lr_reference_batch is None:
+            return cfg.lr
+        return cfg.lr * cfg.batch_size * self.trainer.world_size / cfg.lr_reference_batch
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        decay, no_decay = [], []
+        for p in self.parameters():  # no weight decay on norms, biases and embeddings' 1-D vectors
+            (decay if p.ndim > 1 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        lr = self.peak_lr()
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+            )
+        else:  # momentum is beta1
+            optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999))
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = round(cfg.warmup_epochs * total / cfg.epochs)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class Classifier(TrainedModule):
     def __init__(self, arch: dict, num_classes: int, in_chans: int, train: dict, resolution: int):
         super().__init__()
         self.save_hyperparameters(logger=False)  # in checkpoints; runs get the project's own params (pipeline.tracking)
@@ -132,32 +165,6 @@ class Classifier(pl.LightningModule):
         self.log("val_loss", self.criterion(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val_top1", self.val_top1, on_epoch=True, prog_bar=True)
         self.log("val_top5", self.val_top5, on_epoch=True)
-
-    def peak_lr(self) -> float:
-        """``train.lr``, or with ``lr_reference_batch`` set, ``lr`` per that many images scaled
-        linearly to the global batch (batch_size x devices x nodes): the paper's 1.6 at 4096."""
-        cfg = self.train_cfg
-        if cfg.lr_reference_batch is None:
-            return cfg.lr
-        return cfg.lr * cfg.batch_size * self.trainer.world_size / cfg.lr_reference_batch
-
-    def configure_optimizers(self):
-        cfg = self.train_cfg
-        decay, no_decay = [], []
-        for p in self.parameters():  # no weight decay on norms, biases and embeddings' 1-D vectors
-            (decay if p.ndim > 1 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        lr = self.peak_lr()
-        if cfg.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
-            )
-        else:  # momentum is beta1
-            optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999))
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = round(cfg.warmup_epochs * total / cfg.epochs)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def precision(cfg: TrainConfig) -> str:
