@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import sasa
-from sasa.models.registry import check_model, is_resnet
+from sasa.models.registry import check_model, is_resnet, list_models, model_task
 
 
 class Section(BaseModel):
@@ -21,8 +21,9 @@ class Section(BaseModel):
 
 class ArchConfig(Section):
     """Keyword arguments of ``sasa.create_model``; ``None`` means the model's default. The ResNets
-    take theirs as keys of their own (form, stem, ..., the keys ``models.common`` shares); every other
-    model (``timm:NAME``, ``cvt13``) takes all of its options in ``model_args``."""
+    and the detectors over them take theirs as keys of their own (form, stem, ..., the keys
+    ``models.common`` shares; a detector also its ``DETECTOR_KEYS``); every other model
+    (``timm:NAME``, ``cvt13``) takes all of its options in ``model_args``."""
 
     model: str | None = Field(None, description="resnet26 | resnet38 | resnet50 | cvt13 | cvt21 | timm:NAME")
     form: str | None = None
@@ -43,6 +44,11 @@ class ArchConfig(Section):
     block_attention: str | None = Field(
         None, description="se | eca | cbam | gc: a module after every block's last batch norm"
     )
+    head_mixer: str | None = Field(
+        None, description="detectors: what fills the FPN's and heads' 3x3 positions: conv (default), sasa, ..."
+    )
+    fpn_channels: int | None = Field(None, description="detectors: FPN and head width (RetinaNet: 256)")
+    anchor_sizes: list[int] | None = Field(None, description="detectors: anchor side per level P3-P7, px")
     model_args: dict[str, Any] | None = Field(
         None, description="a non-ResNet model's options, e.g. timm's {img_size: 20, patch_size: 4}"
     )
@@ -55,8 +61,22 @@ class ArchConfig(Section):
     def is_resnet(self) -> bool:
         return is_resnet(self.model_name)
 
+    @property
+    def task(self) -> str:
+        return model_task(self.model_name)
+
+    @property
+    def takes_keys(self) -> bool:
+        """A ResNet or a detector over one: it takes the architecture keys, not ``model_args``."""
+        return self.is_resnet or self.task == "detection"
+
     def resnet_keys_set(self) -> list[str]:
         return [k for k in RESNET_KEYS if getattr(self, k) is not None]
+
+    def identity(self) -> dict:
+        """What identifies this architecture in fingerprints: every key, but the detector's own while
+        unset (a classifier never sets them; runs fingerprinted before detectors existed stay found)."""
+        return self.model_dump(exclude={k for k in DETECTOR_KEYS if getattr(self, k) is None})
 
     @property
     def form_name(self) -> str:
@@ -69,19 +89,27 @@ class ArchConfig(Section):
     def merged_over(self, base: ArchConfig) -> ArchConfig:
         """This variant over ``models.common``; a non-ResNet variant takes only its own keys (common's
         are the ResNets')."""
-        if self.model is not None and not is_resnet(self.model):
+        if self.model is not None and not ArchConfig(model=self.model).takes_keys:
             return self
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
-    def build(self, num_classes: int, in_chans: int):
-        check_model(self.model_name, task="classification")  # the pipeline trains classifiers
-        if self.is_resnet:
+    def build(self, num_classes: int, in_chans: int, resolution: int | None = None, **data_stats):
+        """The network for data of ``num_classes`` and ``in_chans``. A detector also takes the images'
+        size (``resolution``: it resizes its inputs to it) and their ``image_mean``/``image_std``."""
+        check_model(self.model_name)
+        detector = self.task == "detection"
+        if self.takes_keys:
             if self.model_args is not None:
                 raise ValueError(
-                    f"model_args is for non-ResNet models; "
+                    f"model_args is for models beyond the ResNets and their detectors; "
                     f"{self.model_name} takes its options as keys ({', '.join(RESNET_KEYS)})"
                 )
+            wrong = [k for k in DETECTOR_KEYS if getattr(self, k) is not None] if not detector else []
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)}: options of the detectors; {self.model_name} is a classifier")
             kwargs = self.model_dump(exclude_none=True, exclude={"model"})
+            if detector:
+                kwargs.update(data_stats, **({"image_size": resolution} if resolution else {}))
         else:
             if self.resnet_keys_set():
                 raise ValueError(
@@ -93,6 +121,13 @@ class ArchConfig(Section):
 
 
 RESNET_KEYS = tuple(k for k in ArchConfig.model_fields if k not in ("model", "model_args"))
+DETECTOR_KEYS = ("head_mixer", "fpn_channels", "anchor_sizes")
+
+
+def models_for(task: str) -> str:
+    """The models of ``task`` as an error message lists them."""
+    timm = ["timm:NAME"] if task == "classification" else []
+    return " | ".join([*list_models(task=task), *timm])
 
 
 class ModelsConfig(Section):

@@ -55,7 +55,7 @@ def _check_variants(cfg: Config):
     for name in cfg.models.variants:
         arch = cfg.models.resolved(name)
         try:
-            model = arch.build(num_classes=10, in_chans=3)
+            model = arch.build(num_classes=10, in_chans=3, resolution=cfg.data.resolution)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"models.variants.{name}: {err}") from None
         why = _resolution_error(model, cfg.data.resolution)
@@ -69,7 +69,7 @@ def _check_sweep(cfg: Config):
     for values in itertools.product(*(cfg.sweep.discrete_values(k) for k in keys)):
         overrides = dict(zip(keys, values))
         try:
-            model = cfg.trial_arch(overrides).build(num_classes=10, in_chans=3)
+            model = cfg.trial_arch(overrides).build(num_classes=10, in_chans=3, resolution=cfg.data.resolution)
         except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError
             raise ConfigError(f"sweep.space {overrides}: {err}") from None
         why = _resolution_error(model, cfg.data.resolution)

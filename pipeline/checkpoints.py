@@ -43,9 +43,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
-def checkpoint_callbacks(ckpt_dir: str) -> list[ModelCheckpoint]:
+def checkpoint_callbacks(ckpt_dir: str, monitor: str) -> list[ModelCheckpoint]:
+    """``best.ckpt`` by ``monitor`` (higher is better: top-1, mAP) and ``last.ckpt``."""
     return [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_top_k=1),
         # every epoch, replaced: Lightning's save_last follows the monitored checkpoint, so it would
         # stay at the last improving epoch, and a resume would repeat the epochs after it
         ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),

@@ -18,17 +18,57 @@ import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from pipeline import identity
-from pipeline.arch_config import ARCH_KEYS, MODEL_ARG_PREFIX, ArchConfig, ModelsConfig, Section, is_arch_key
+from pipeline.arch_config import (
+    ARCH_KEYS,
+    MODEL_ARG_PREFIX,
+    ArchConfig,
+    ModelsConfig,
+    Section,
+    is_arch_key,
+    models_for,
+)
 from pipeline.locations import redact
+from pipeline.tasks import SOURCES, TASKS, task_of_source
 
 
 class ConfigError(Exception):
     """A bad ``params.yaml``; the message names the key path, the value and what is allowed."""
 
 
+class CanvasConfig(Section):
+    """``digit_canvases``: the bundled digits composed into detection canvases (``pipeline.digit_canvases``)."""
+
+    size: PositiveInt = Field(128, description="canvas side, px")
+    train: PositiveInt = Field(2000, description="training canvases, from the training split's digits")
+    val: PositiveInt = Field(500, description="validation canvases, from the held-out digits")
+    digits_per_canvas: tuple[PositiveInt, PositiveInt] = (1, 5)
+    digit_sizes: tuple[PositiveInt, PositiveInt] = Field((12, 64), description="a digit's drawn size, px")
+    max_iou: float = Field(0.1, ge=0, le=1, description="the most two digits' boxes may overlap")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for key in ("digits_per_canvas", "digit_sizes"):
+            low, high = getattr(self, key)
+            if low > high:
+                raise ValueError(f"data.canvas.{key}: [low, high] with low <= high; got [{low}, {high}]")
+        if self.digit_sizes[1] > self.size:
+            raise ValueError(f"data.canvas.digit_sizes: {self.digit_sizes[1]} px exceeds the {self.size} px canvas")
+        return self
+
+
+class CocoConfig(Section):
+    """``coco``: ``data.path/annotations/instances_SPLIT.json`` with its images in ``data.path/SPLIT/``."""
+
+    train: str = Field("train2017", min_length=1)
+    val: str = Field("val2017", min_length=1)
+
+
+FOLDER_SOURCES = ("imagefolder", "cifar10", "coco")  # the sources read from data.path
+
+
 class DataConfig(Section):
-    source: Literal["mnist5k", "imagefolder", "cifar10"] = "mnist5k"
-    path: str | None = Field(None, description="dataset folder for imagefolder / cifar10")
+    source: Literal[SOURCES] = "mnist5k"
+    path: str | None = Field(None, description="dataset folder for imagefolder / cifar10 / coco")
     on_bad_file: Literal["fail", "skip"] = Field(
         "fail", description="prepare: stop on unreadable files, or leave them out"
     )
@@ -37,16 +77,27 @@ class DataConfig(Section):
     resolution: PositiveInt = 28
     hflip: bool = True
     num_workers: int = Field(2, ge=0)
+    canvas: CanvasConfig = CanvasConfig()
+    coco: CocoConfig = CocoConfig()
 
     @model_validator(mode="after")
     def _path_has_a_source(self):
-        if self.source == "mnist5k" and self.path is not None:
+        if self.source not in FOLDER_SOURCES and self.path is not None:
             raise ValueError(
-                f"data.path={self.path!r} is set but data.source is mnist5k, which ignores it "
-                "(it trains on the bundled digits): "
-                "set data.source to imagefolder or cifar10 to use the folder, or set data.path: null"
+                f"data.path={self.path!r} is set but data.source is {self.source}, which ignores it "
+                "(it is made from the bundled digits): "
+                f"set data.source to one of {', '.join(FOLDER_SOURCES)} to use the folder, or set data.path: null"
             )
         return self
+
+    @property
+    def task(self):
+        """The task this source feeds (``pipeline.tasks``)."""
+        return task_of_source(self.source)
+
+    def unread_sections(self) -> tuple[str, ...]:
+        """The sub-sections this source does not read: they change none of its results."""
+        return tuple(key for key, source in (("canvas", "digit_canvases"), ("coco", "coco")) if self.source != source)
 
 
 class TrainConfig(Section):
@@ -162,7 +213,7 @@ class SweepConfig(Section):
     base: str = Field(..., description="the models.variants key every trial starts from")
     space: dict[str, list | dict[str, Any]] = Field(..., description="key -> grid list or {sampler: args}")
     num_samples: PositiveInt = 1
-    metric: Literal["val_top1", "val_loss"] = "val_top1"
+    metric: Literal["val_top1", "val_map", "val_loss"] = "val_top1"
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerConfig = SchedulerConfig()
     train: dict[str, Any] = Field(default_factory=dict, description="train.* overrides for trials (e.g. fewer epochs)")
@@ -201,7 +252,7 @@ class SweepConfig(Section):
 
     @model_validator(mode="after")
     def _mode_fits_metric(self):
-        wanted = {"val_top1": "max", "val_loss": "min"}[self.metric]
+        wanted = "min" if self.metric == "val_loss" else "max"
         if self.mode != wanted:
             raise ValueError(
                 f"sweep.mode={self.mode!r} would pick the worst trial by {self.metric}; use mode: {wanted}"
@@ -228,6 +279,26 @@ class Config(Section):
     mlflow: MlflowConfig
     report: ReportConfig
     sweep: SweepConfig
+
+    @model_validator(mode="after")
+    def _models_fit_the_task(self):
+        """Every variant is a model of the task the data feeds (a classifier on digits, a detector on
+        canvases), and the sweep compares trials by a metric that task logs."""
+        task = self.data.task
+        for name in self.models.variants:
+            arch = self.models.resolved(name)
+            if arch.task != task.name:
+                other = next(t for t in TASKS.values() if t is not task)
+                raise ValueError(
+                    f"models.variants.{name}: {arch.model_name} is a {arch.task} model, and data.source="
+                    f"{self.data.source!r} feeds {task.name} models ({models_for(task.name)}); "
+                    f"{other.name} models train on data.source {' | '.join(other.sources)}"
+                )
+        if self.sweep.metric not in task.sweep_metrics:
+            raise ValueError(
+                f"sweep.metric={self.sweep.metric!r}: {task.name} runs are compared by {' | '.join(task.sweep_metrics)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sweep_fits_the_rest(self):

@@ -89,10 +89,16 @@ def transforms(meta, cfg: DataConfig, train: bool):
 
 
 class PreparedDataModule(pl.LightningDataModule):
+    """``data/prepared`` of a classification source; ``pipeline.detection.DetectionDataModule``
+    serves a detection source the same way (its datasets and batches its own)."""
+
+    task = "classification"
+    collate_fn = None  # DataLoader's default: tensors stacked
+
     def __init__(self, cfg: DataConfig, batch_size: int, prepared: str | Path = PREPARED, seed: int = 0):
         super().__init__()
         self.cfg, self.batch_size, self.prepared, self.seed = cfg, batch_size, Path(prepared), seed
-        self.meta = preflight.prepared_data(self.prepared, batch_size)  # also on a sweep trial's node
+        self.meta = preflight.prepared_data(self.prepared, batch_size, task=self.task)  # also on a trial's node
 
     @property
     def num_classes(self):
@@ -111,25 +117,22 @@ class PreparedDataModule(pl.LightningDataModule):
     def setup(self, stage=None):
         self.train_set, self.val_set = self._dataset("train"), self._dataset("val")
 
-    def train_dataloader(self):
-        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = EpochSeededSampler(self.train_set, replicas, rank, shuffle=True, seed=self.seed, drop_last=True)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.cfg.num_workers,
-            persistent_workers=self.cfg.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=True,
-        )
-
-    def val_dataloader(self):
+    def _loader(self, dataset, **kwargs):
         workers = self.cfg.num_workers
         return DataLoader(
-            self.val_set,
+            dataset,
             batch_size=self.batch_size,
+            collate_fn=self.collate_fn,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            **kwargs,
         )
+
+    def train_dataloader(self):
+        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = EpochSeededSampler(self.train_set, replicas, rank, shuffle=True, seed=self.seed, drop_last=True)
+        return self._loader(self.train_set, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set)

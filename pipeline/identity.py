@@ -55,23 +55,29 @@ def result_dump(section: str, model: BaseModel, *more: str) -> dict:
     return model.model_dump(exclude=runtime_exclude(section, *more))
 
 
+def data_dump(cfg: Config) -> dict:
+    """The data section as it changes results: neither run-time keys nor the sub-sections its source
+    does not read (``data.canvas`` of a COCO run)."""
+    return result_dump("data", cfg.data, *cfg.data.unread_sections())
+
+
 def recipe(cfg: Config, train: TrainConfig) -> str:
     """How a run trains (data and train, not the seed): runs of one recipe are comparable, whatever
     their architecture and whichever stage trained them."""
-    return _hash({"train": result_dump("train", train, "seeds"), "data": result_dump("data", cfg.data)})
+    return _hash({"train": result_dump("train", train, "seeds"), "data": data_dump(cfg)})
 
 
 def fingerprint(cfg: Config, variant: str, seed: int) -> str:
     """Everything that determines one training run of a variant; its architecture counts whole."""
-    return _hash({"arch": cfg.models.resolved(variant).model_dump(), "recipe": recipe(cfg, cfg.train), "seed": seed})
+    return _hash({"arch": cfg.models.resolved(variant).identity(), "recipe": recipe(cfg, cfg.train), "seed": seed})
 
 
 def sweep_fingerprint(cfg: Config) -> str:
     """Everything that determines the sweep's trials; a change starts a new sweep."""
     payload = {
-        "base": cfg.models.resolved(cfg.sweep.base).model_dump(),
+        "base": cfg.models.resolved(cfg.sweep.base).identity(),
         "train": result_dump("train", cfg.trial_train()),
-        "data": result_dump("data", cfg.data),
+        "data": data_dump(cfg),
         "sweep": result_dump("sweep", cfg.sweep),
     }
     return _hash(payload)

@@ -1,6 +1,7 @@
 """The project's one training loop: a LightningModule over ``sasa.create_model``, its data and
 counts (``build_run``) and the Trainer that runs it (``build_trainer``), shared by the ``train``
-stage and every ``sweep`` trial."""
+stage and every ``sweep`` trial, for classifiers (``Classifier``) and detectors
+(``pipeline.detection.Detector``) alike."""
 
 from __future__ import annotations
 
@@ -91,6 +92,14 @@ class TrainedModule(pl.LightningModule):
 
     train_cfg: TrainConfig
 
+    def configure_norms(self, model: nn.Module):
+        """``train.bn_decay``, if set, as every batch norm's running-average decay (PyTorch's
+        momentum is the weight of the new batch)."""
+        if self.train_cfg.bn_decay is not None:
+            for norm in model.modules():
+                if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                    norm.momentum = 1 - self.train_cfg.bn_decay
+
     def peak_lr(self) -> float:
         """``train.lr``, or with ``lr_reference_batch`` set, ``lr`` per that many images scaled
         linearly to the global batch (batch_size x devices x nodes): the paper's 1.6 at 4096."""
@@ -123,15 +132,15 @@ class Classifier(TrainedModule):
         super().__init__()
         self.save_hyperparameters(logger=False)  # in checkpoints; runs get the project's own params (pipeline.tracking)
         self.train_cfg = TrainConfig(**train)
-        self.model = ArchConfig(**arch).build(num_classes=num_classes, in_chans=in_chans)
+        arch = ArchConfig(**arch)
+        if arch.task != "classification":
+            raise ValueError(f"model={arch.model_name!r} is a {arch.task} model; a Classifier trains classifiers")
+        self.model = arch.build(num_classes=num_classes, in_chans=in_chans)
         # one image: Lightning's model summary counts its FLOPs with the counter sasa.count uses
         self.example_input_array = torch.zeros(1, in_chans, resolution, resolution)
         self.memory_format = torch.channels_last if self.train_cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
-        if self.train_cfg.bn_decay is not None:  # PyTorch's momentum is the weight of the new batch
-            for norm in self.model.modules():
-                if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-                    norm.momentum = 1 - self.train_cfg.bn_decay
+        self.configure_norms(self.model)
         # the compiled forward function is not a module: state-dict keys and checkpoints stay the same
         self._compiled = torch.compile(self.model.forward) if self.train_cfg.compile else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.train_cfg.label_smoothing)
@@ -200,8 +209,8 @@ def build_trainer(cfg: TrainConfig, **overrides) -> pl.Trainer:
 class Run:
     """What one training run trains: the data, the module and the model's exact counts."""
 
-    data: PreparedDataModule
-    module: Classifier
+    data: pl.LightningDataModule  # PreparedDataModule or pipeline.detection.DetectionDataModule
+    module: TrainedModule  # Classifier or pipeline.detection.Detector
     counts: sasa.Counts
 
 
@@ -211,9 +220,19 @@ def build_run(
     """The run of one seed, seeded the same way wherever it runs (a stage's process, each DDP rank, a
     Ray trial); checks ``prepared`` before anything is built."""
     pl.seed_everything(seed, workers=True)
-    datamodule = PreparedDataModule(data, train.batch_size, prepared, seed=seed)
-    module = Classifier(
-        arch.model_dump(), datamodule.num_classes, datamodule.in_chans, train.model_dump(), data.resolution
-    )
+    if arch.task == "detection":
+        from pipeline.detection import DetectionDataModule, Detector  # which builds on this module
+
+        datamodule = DetectionDataModule(data, train.batch_size, prepared, seed=seed)
+        meta = datamodule.meta
+        module = Detector(
+            arch.model_dump(), meta["num_classes"], meta["in_chans"], train.model_dump(), data.resolution,
+            meta["mean"], meta["std"],
+        )  # fmt: skip
+    else:
+        datamodule = PreparedDataModule(data, train.batch_size, prepared, seed=seed)
+        module = Classifier(
+            arch.model_dump(), datamodule.num_classes, datamodule.in_chans, train.model_dump(), data.resolution
+        )
     counts = sasa.count(module.model, (datamodule.in_chans, data.resolution, data.resolution))
     return Run(datamodule, module, counts)

@@ -71,8 +71,8 @@ def devices(train: TrainConfig, key: str = "train"):
         raise ConfigError(f"{key}.devices={train.devices} but this machine has {available} GPU(s)")
 
 
-def prepared_data(folder: Path, batch_size: int, key: str = "train.batch_size") -> dict:
-    """``data/prepared`` is complete and holds at least one training batch; returns its meta."""
+def prepared_data(folder: Path, batch_size: int, task: str, key: str = "train.batch_size") -> dict:
+    """``data/prepared`` is complete, holds data of ``task`` and at least one training batch; returns its meta."""
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise ConfigError(f"{meta_path} is missing: run the prepare stage first (dvc repro prepare)")
@@ -81,6 +81,11 @@ def prepared_data(folder: Path, batch_size: int, key: str = "train.batch_size") 
     missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise StageError(f"{meta_path} is corrupt (it lacks {', '.join(missing)}): {fix}")
+    if meta.get("task", "classification") != task:
+        raise ConfigError(
+            f"{folder} holds {meta.get('task', 'classification')} data ({meta['source']}), and {task} models "
+            "are configured: run dvc repro prepare"
+        )
     suffix = ".json" if meta["format"] == "files" else ".npz"
     missing = [s for s in ("train", "val") if not (folder / f"{s}{suffix}").is_file()]
     if missing:

@@ -5,12 +5,19 @@ Sources (``data.source``):
 - ``cifar10``: the standard ``cifar-10-batches-py`` files at ``data.path`` (test batch = val);
 - ``imagefolder``: ImageNet layout ``data.path/{train,val}/CLASS/IMAGE``; images stay where they
   are, the stage writes an index of (relative path, label).
-Array sources are stored as uint8 NHWC arrays; the per-channel mean/std of the training split is
-recorded in ``meta.json`` for normalisation.
+Detection sources (``pipeline.tasks``):
+- ``digit_canvases``: canvases composed of the bundled digits (``pipeline.digit_canvases``), the train
+  canvases from mnist5k's training split and the val canvases from its held-out digits;
+- ``coco``: ``data.path/annotations/instances_SPLIT.json`` and ``data.path/SPLIT/`` images
+  (``pipeline.coco_source``), SPLIT from ``data.coco``; an index of (path, boxes, labels) is written.
+Array sources are stored as uint8 NHWC arrays (canvases with their boxes, labels and per-canvas box
+counts); the per-channel mean/std of the training split is recorded in ``meta.json`` for normalisation.
 
 Every file of cifar10 and imagefolder is checked here, so that training never meets a bad one:
 each image is decoded in full, each CIFAR batch is unpickled (allowing no code to run) and its
-shape and labels checked; empty class folders and classes missing from train/ count too. All
+shape and labels checked; empty class folders and classes missing from train/ count too, and so do
+COCO annotations outside their image, of zero area or of an unknown category, and images without
+any. All
 problems are reported (path: reason), then ``data.on_bad_file`` decides: ``fail`` stops with
 nothing written, ``skip`` leaves those files (or rows) out and lists them in ``bad_files.json``.
 """
@@ -52,6 +59,46 @@ def _mnist5k(cfg: Config):
     )
     classes = [str(c) for c in range(10)]
     return {"train": (images[idx_train], y[idx_train]), "val": (images[idx_val], y[idx_val])}, classes, []
+
+
+def _digit_canvases(cfg: Config):
+    """Canvases from each split's own digits: no digit is in both a train and a val canvas."""
+    from pipeline.digit_canvases import compose
+
+    digits, classes, _ = _mnist5k(cfg)
+    c = cfg.data.canvas
+    options = dict(size=c.size, per_canvas=c.digits_per_canvas, scales=c.digit_sizes, max_iou=c.max_iou)
+    splits = {}
+    for offset, split in enumerate(("train", "val")):
+        images, labels = digits[split]
+        made = compose(images[..., 0], labels, getattr(c, split), seed=cfg.data.seed + offset, **options)
+        splits[split] = made
+    return splits, classes
+
+
+def _coco(cfg: Config):
+    from pipeline.coco_source import read_split
+
+    root = _require_path(cfg)
+    index, bad, categories = {}, [], {}
+    for split in ("train", "val"):
+        name = getattr(cfg.data.coco, split)
+        annotations = root / "annotations" / f"instances_{name}.json"
+        if not annotations.is_file() or not (root / name).is_dir():
+            raise ConfigError(
+                f"data.path={cfg.data.path!r} is not a COCO folder for data.coco.{split}={name!r}: "
+                f"needs annotations/instances_{name}.json and {name}/"
+            )
+        read = read_split(annotations, root / name)
+        categories[split] = read.categories
+        bad += read.problems
+        index[split] = [[f"{name}/{f}", boxes.tolist(), labels.tolist()] for f, boxes, labels in read.images]
+    if categories["train"] != categories["val"]:
+        raise ConfigError(
+            f"data.path={cfg.data.path!r}: the val annotations' categories differ from train's "
+            f"({len(categories['val'])} vs {len(categories['train'])}); both splits need the same category list"
+        )
+    return root, index, categories["train"], bad
 
 
 def _require_path(cfg: Config) -> Path:
@@ -231,10 +278,13 @@ def _image_stats(root, files, limit=500):
 
 
 def prepare(cfg: Config, out: Path = PREPARED):
-    meta = {"source": cfg.data.source}
-    if cfg.data.source == "imagefolder":
-        root, index, classes, bad = _imagefolder(cfg)
+    meta = {"source": cfg.data.source, "task": cfg.data.task.name}
+    if cfg.data.source in ("imagefolder", "coco"):
+        root, index, classes, bad = (_imagefolder if cfg.data.source == "imagefolder" else _coco)(cfg)
         counts = {s: len(r) for s, r in index.items()}
+    elif cfg.data.source == "digit_canvases":
+        canvases, classes = _digit_canvases(cfg)
+        bad, counts = [], {s: len(c.images) for s, c in canvases.items()}
     else:
         splits, classes, bad = {"mnist5k": _mnist5k, "cifar10": _cifar10}[cfg.data.source](cfg)
         counts = {s: len(v[1]) for s, v in splits.items()}
@@ -246,11 +296,23 @@ def prepare(cfg: Config, out: Path = PREPARED):
             )
 
     with atomic_dir(out) as tmp:
-        if cfg.data.source == "imagefolder":
+        if cfg.data.source in ("imagefolder", "coco"):
             mean, std = _image_stats(root, index["train"])
             for split, rows in index.items():
                 (tmp / f"{split}.json").write_text(json.dumps(rows))
             meta.update(format="files", root=str(root.resolve()), in_chans=3)
+        elif cfg.data.source == "digit_canvases":
+            mean, std = _array_stats(canvases["train"].images[..., None])
+            for split, c in canvases.items():
+                np.savez(
+                    tmp / f"{split}.npz",
+                    images=c.images[..., None],
+                    boxes=np.concatenate(c.boxes),
+                    labels=np.concatenate(c.labels),
+                    per_image=np.array([len(b) for b in c.boxes]),
+                )
+            size = cfg.data.canvas.size
+            meta.update(format="array", image_size=[size, size], in_chans=1)
         else:
             mean, std = _array_stats(splits["train"][0])
             for split, (images, labels) in splits.items():
@@ -264,7 +326,7 @@ def prepare(cfg: Config, out: Path = PREPARED):
         print(f"skipped {len(bad)} bad file(s) (listed in {out / 'bad_files.json'})", file=sys.stderr)
     print(
         f"prepared {cfg.data.source}: {counts['train']} train / {counts['val']} val images, "
-        f"{len(classes)} classes -> {out}"
+        f"{len(classes)} {'categories' if cfg.data.task.name == 'detection' else 'classes'} -> {out}"
     )
     return meta
 

@@ -229,7 +229,7 @@ def sweep(cfg: Config):
     batch_sizes = (
         cfg.sweep.discrete_values("batch_size") if "batch_size" in cfg.sweep.space else [cfg.trial_train().batch_size]
     )
-    meta = preflight.prepared_data(PREPARED, max(batch_sizes), key="sweep: a trial's batch_size")
+    meta = preflight.prepared_data(PREPARED, max(batch_sizes), cfg.data.task.name, key="sweep: a trial's batch_size")
     preflight.tracking(cfg)
     record = state_record()
     record.read()  # a damaged record stops the stage before Ray starts
@@ -268,7 +268,7 @@ def sweep(cfg: Config):
     print(
         f"sweep: {len(rows)} trials; best by {cfg.sweep.metric} ({cfg.sweep.mode}): "
         f"{ {k: best[k] for k in cfg.sweep.space} }, "
-        f"top-1 {best['top1']:.2f}% at its last epoch; wrote {RESULTS}"
+        f"{cfg.data.task.label} {best[cfg.data.task.score]:.2f} at its last epoch; wrote {RESULTS}"
     )
 
 

@@ -23,7 +23,7 @@ from pipeline.trial import is_trial_metric, split_trial_config
 
 RESULTS = Path("sweep") / "results.csv"
 # sweep.metric -> the results' column holding the trial's value at its last epoch, what Tune compares
-METRIC_COLUMNS = {"val_top1": "top1", "val_loss": "val_loss"}
+METRIC_COLUMNS = {"val_top1": "top1", "val_map": "map", "val_loss": "val_loss"}
 
 
 def trial_values(cfg: Config, config: dict) -> str:
@@ -37,7 +37,7 @@ def _trial_model(cfg: Config, config: dict):
     """A trial's architecture, train section and network as the driver builds it: the resolved
     architecture depends on neither the data's classes nor its channels (the counts do: trials report them)."""
     arch, train = split_trial_config(cfg, config)
-    return arch, train, arch.build(num_classes=10, in_chans=3)
+    return arch, train, arch.build(num_classes=10, in_chans=3, resolution=cfg.data.resolution)
 
 
 class MlflowTrials(tune.Callback):
@@ -100,16 +100,17 @@ class MlflowTrials(tune.Callback):
         self.client.log_batch(run_id, metrics=metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        """A trial that ran every epoch gets ``top1``/``top5``, its last epoch's, as a variant's run
-        does: the report pools it with variants of the same architecture and recipe. An ASHA-stopped
-        trial trained less, so it gets none and stays out of the report's tables."""
+        """A trial that ran every epoch gets its task's results (``top1``/``top5``, ``map``...), its
+        last epoch's, as a variant's run does: the report pools it with variants of the same
+        architecture and recipe. An ASHA-stopped trial trained less, so it gets none and stays out of
+        the report's tables."""
         run_id, last = self.run_id(trial), trial.last_result or {}
         if last.get("epoch") == split_trial_config(self.cfg, trial.config)[1].epochs:
             self.client.log_batch(
                 run_id,
                 metrics=[
                     Metric(k, float(last[f"val_{k}"]), int(time.time() * 1000), last["epoch"])
-                    for k in ("top1", "top5")
+                    for k in self.cfg.data.task.results
                     if f"val_{k}" in last
                 ],
             )
@@ -133,9 +134,9 @@ def kill_open_runs(client: MlflowClient, experiment_id: str, parent_id: str):
 
 
 def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
-    """One row per trial: its swept values, counts, last epoch's metrics (and best epoch's top-1),
-    epochs run (an ASHA-stopped trial's last epoch is the one it was stopped at), node."""
-    rows = []
+    """One row per trial: its swept values, counts, last epoch's metrics (and best epoch's score,
+    top-1 or mAP), epochs run (an ASHA-stopped trial's last epoch is the one it was stopped at), node."""
+    rows, score = [], cfg.data.task.score
     for result in results:
         history = result.metrics_dataframe
         if history is None or history.empty:
@@ -152,10 +153,10 @@ def result_rows(cfg: Config, results, callback: MlflowTrials) -> list[dict]:
                 "seed": result.config["seed"],  # None: not a ResNet
                 "params": int(last["params"]),
                 "mflops": last["flops"] / 1e6,
-                # top-1 is the last epoch's everywhere (what the paper reports); the best epoch's is labelled
-                "top1": 100 * last["val_top1"],
-                "val_loss": last["val_loss"],
-                "best_epoch_top1": 100 * history["val_top1"].max(),
+                # the score is the last epoch's everywhere (what the paper reports); the best epoch's is labelled
+                score: 100 * last[f"val_{score}"],
+                **({"val_loss": last["val_loss"]} if "val_loss" in last else {}),  # detectors log none
+                f"best_epoch_{score}": 100 * history[f"val_{score}"].max(),
                 "epochs": int(last["epoch"]),
                 "stopped_early": int(last["epoch"]) < train.epochs,
                 "node_ip": last["node_ip"],
@@ -175,10 +176,10 @@ def best_trial(cfg: Config, rows: list[dict]) -> dict:
 
 
 def record_results(cfg: Config, client: MlflowClient, parent_id: str, rows: list[dict], wall_s: float) -> dict:
-    """The parent run's summary (the best trial's top-1 and run, trial count, wall time, the table)
+    """The parent run's summary (the best trial's score and run, trial count, wall time, the table)
     and ``sweep/results.csv``; returns the best trial's row."""
-    best = best_trial(cfg, rows)
-    client.log_metric(parent_id, "best_trial_top1", best["top1"] / 100)
+    best, score = best_trial(cfg, rows), cfg.data.task.score
+    client.log_metric(parent_id, f"best_trial_{score}", best[score] / 100)
     client.set_tag(parent_id, "sasa.best_trial_run", best["mlflow_run_id"])
     client.log_metric(parent_id, "trials", len(rows))
     client.log_metric(parent_id, "wall_s", wall_s)

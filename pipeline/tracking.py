@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import Config
 from pipeline.locations import resolve_tracking_uri
+from sasa.models.registry import model_task
 
 # The MLflow 3 UI opens an experiment of this kind on its runs (a GenAI one on its traces overview).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -134,6 +135,7 @@ def run_identity(model, model_name: str, recipe: str, seed: int) -> dict[str, st
         "sasa.recipe": recipe,
         "sasa.seed": str(seed),
         "sasa.model": model_name,
+        "sasa.task": model_task(model_name),
         "sasa.form": getattr(model, "config", {}).get("form", ""),
         "sasa.mixer": arch.get("mixer", ""),
         "sasa.stem": arch.get("stem", ""),
@@ -205,8 +207,9 @@ def _requirements(model) -> list[str]:
 
 def log_model(uri: str, run_id: str, model, example):
     """The trained network as the run's MLflow model ``model``, with its signature and an input
-    example: ``mlflow.pytorch.load_model("runs:/RUN_ID/model")`` gives it back, anywhere with torch,
-    since the ``sasa`` package travels with it."""
+    example (none for a detector, whose input is a list of images):
+    ``mlflow.pytorch.load_model("runs:/RUN_ID/model")`` gives it back, anywhere with torch, since the
+    ``sasa`` package travels with it."""
     import mlflow
     import mlflow.pytorch
     import torch
@@ -215,14 +218,16 @@ def log_model(uri: str, run_id: str, model, example):
     import sasa
 
     model = copy.deepcopy(model).cpu().eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(example))
+    signature = None
+    if example is not None:
+        with torch.no_grad():
+            signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):  # ends FINISHED, as the run already is
         mlflow.pytorch.log_model(
             model,
             name="model",
-            signature=infer_signature(example, output.numpy()),
+            signature=signature,
             input_example=example,
             code_paths=[str(Path(sasa.__file__).parent)],
             pip_requirements=_requirements(model),

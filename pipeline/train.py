@@ -12,7 +12,7 @@ augmentation are seeded by (seed, epoch), so a resumed run ends with the same we
 as an uninterrupted one. Ctrl-C or SIGTERM to any rank stops every rank at the same step and marks
 the MLflow run KILLED (exit 130); a NaN/inf loss stops training (run FAILED) before it touches the
 weights or the checkpoints. Only rank 0 talks to MLflow. The stage writes ``metrics/NAME.json``
-(what DVC tracks: each seed's top-1 and their mean with its 95% interval) last.
+(what DVC tracks: each seed's score, top-1 or a detector's mAP, and their mean with its 95% interval) last.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Throughput(pl.Callback):
         self.images, self.start = 0, time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.images += batch[0].shape[0] * trainer.world_size
+        self.images += len(batch[0]) * trainer.world_size  # a tensor, or a detection batch's list
         self.end = time.perf_counter()  # epoch end hooks run after validation and checkpointing
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -163,7 +163,7 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
     print(f"train@{variant} seed {seed}: rank {world.rank} of {world.size}, MLflow run {run_id}: {action}", flush=True)
 
     throughput = Throughput()
-    callbacks = [*checkpoint_callbacks(ckpt_dir), throughput, StopAtBatchEnd()]
+    callbacks = [*checkpoint_callbacks(ckpt_dir, cfg.data.task.monitor), throughput, StopAtBatchEnd()]
     logger = (
         EpochStepLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id)
         if world.is_zero
@@ -191,12 +191,13 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
 def _finish(cfg, variant, seed, run_id, trainer, throughput, run: Run, ckpt_dir) -> dict:
     """Rank 0, one seed: the final metrics, best checkpoint and trained model into its MLflow run,
     its record finished."""
-    client = MlflowClient(tracking_uri(cfg))
+    client, task = MlflowClient(tracking_uri(cfg)), cfg.data.task
     history = client.get_run(run_id).data.metrics
-    final = {k: float(trainer.callback_metrics.get(k, history.get(k, float("nan")))) for k in ("val_top1", "val_top5")}
+    results = {
+        k: float(trainer.callback_metrics.get(f"val_{k}", history.get(f"val_{k}", float("nan")))) for k in task.results
+    }
     rates = throughput.rates or [m.value for m in client.get_metric_history(run_id, "train_images_per_s")]
-    rate = statistics.median(rates) if rates else float("nan")
-    results = {"top1": final["val_top1"], "top5": final["val_top5"], "throughput_images_per_s": rate}
+    results["throughput_images_per_s"] = statistics.median(rates) if rates else float("nan")
     for name, value in results.items():
         client.log_metric(run_id, name, value, step=trainer.current_epoch)
     fs, best = url_to_fs(f"{ckpt_dir}/best.ckpt")
@@ -204,37 +205,39 @@ def _finish(cfg, variant, seed, run_id, trainer, throughput, run: Run, ckpt_dir)
         with tempfile.TemporaryDirectory() as tmp:  # MLflow uploads local files
             fs.get(best, f"{tmp}/best.ckpt")
             client.log_artifact(run_id, f"{tmp}/best.ckpt", artifact_path="checkpoints")
-    example = run.data.val_set[0][0].unsqueeze(0).numpy()  # one normalised validation image
+    # one normalised validation image; a detector takes a list of images, which no MLflow signature describes
+    example = run.data.val_set[0][0].unsqueeze(0).numpy() if task.name == "classification" else None
     log_model(tracking_uri(cfg), run_id, run.module.model, example)
     counts = run.counts
     result = {"seed": seed, "run_id": run_id, **results, **counts.as_dict(), "epochs": trainer.current_epoch}
     RunRecord(f"{ckpt_dir}/run.json").finish(result)
     print(
-        f"{variant} seed {seed}: top-1 {results['top1']:.4f}, {counts.flops / 1e6:.1f} MFLOPs, "
+        f"{variant} seed {seed}: {task.label} {100 * results[task.score]:.2f}, {counts.flops / 1e6:.1f} MFLOPs, "
         f"{counts.params / 1e6:.3f} M params"
     )
     return result
 
 
 def _summarise(cfg: Config, variant: str, runs: list[dict]) -> dict:
-    """``metrics/VARIANT.json``: each seed's run, and top-1 as mean and 95% interval over the seeds."""
-    top1 = estimate([r["top1"] for r in runs])
-    first = runs[0]
+    """``metrics/VARIANT.json``: each seed's run, and the task's score (top-1, or a detector's mAP) as
+    mean and 95% interval over the seeds, its other results as means."""
+    task, first = cfg.data.task, runs[0]
+    score = estimate([r[task.score] for r in runs])
     summary = {
         "variant": variant,
-        "top1": top1.mean,
-        "top1_ci95": top1.half_width,
-        "n": top1.n,
-        "top5": statistics.mean(r["top5"] for r in runs),
+        task.score: score.mean,
+        f"{task.score}_ci95": score.half_width,
+        "n": score.n,
+        **{k: statistics.mean(r[k] for r in runs) for k in task.results[1:]},
         "throughput_images_per_s": statistics.median(r["throughput_images_per_s"] for r in runs),
         **{k: first[k] for k in ("params", "macs", "flops", "epochs")},
-        "seeds": {str(r["seed"]): {"run_id": r["run_id"], "top1": r["top1"], "top5": r["top5"]} for r in runs},
+        "seeds": {str(r["seed"]): {"run_id": r["run_id"], **{k: r[k] for k in task.results}} for r in runs},
     }
     atomic_write_text(METRICS / f"{variant}.json", json.dumps(summary, indent=2))
     for r in runs:  # a later attempt of the stage retrains them
         RunRecord(f"{checkpoint_dir(cfg, variant, r['seed'])}/run.json").mark_reported()
     print(
-        f"{variant}: top-1 % {estimate([100 * r['top1'] for r in runs])} "
+        f"{variant}: {task.label} {estimate([100 * r[task.score] for r in runs])} "
         f"over seeds {', '.join(str(r['seed']) for r in runs)}"
     )
     return summary

@@ -1,7 +1,7 @@
 """A sweep trial: what Ray runs on a worker of any node, one process or a DDP job of Ray Train workers,
 and ``trainable``, which the driver hands to Tune.
 
-The train stage's ``Classifier`` and ``PreparedDataModule`` (``build_run``) in its Trainer
+The train stage's module and data module, classifier or detector (``build_run``), in its Trainer
 (``build_trainer``, so with the same EMA and NaN guard), reporting each epoch to Tune with a
 checkpoint, so the scheduler may stop it there and a retried trial resumes from its last epoch.
 ``data/prepared`` travels as bytes through Ray's object store: a trial depends on no path of the
@@ -24,10 +24,19 @@ import sasa
 from pipeline.config import Config, is_arch_key
 from pipeline.data import PREPARED
 from pipeline.module import build_run, build_trainer
+from pipeline.tasks import TASKS
 
 CHECKPOINT = "last.ckpt"
-# What a trial reports each epoch (with its model's counts) and the driver logs to its MLflow run.
-TRIAL_METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_top1")
+# What a trial reports each epoch (with its model's counts) and the driver logs to its MLflow run:
+# every task's validation results, and the training losses (a detector's two parts too).
+TRIAL_METRICS = (
+    *(f"val_{k}" for task in TASKS.values() for k in task.results),
+    "val_loss",
+    "train_loss",
+    "train_top1",
+    "train_classification",
+    "train_bbox_regression",
+)
 
 
 def is_trial_metric(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""The report's plots: top-1 against cost with the Pareto front, and the sweep's points.
+"""The report's plots: top-1 (or a detector's mAP) against cost with the Pareto front, and the sweep's points.
 matplotlib is imported when a plot is drawn, so the tables need none of it."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ STEM_MARKERS = {"conv": "o", "attention": "^", "attention_plain": "v", "attentio
 def marker(kind: str) -> str:
     """The plot marker of a configuration's kind; an unknown kind gets one by a hash of its name, so
     it is the same in every report."""
+    kind = kind.split(" + ")[0]  # a detector's: its backbone's
     if kind in FORM_MARKERS:
         return FORM_MARKERS[kind]
     if kind in FAMILY_MARKERS:
@@ -63,9 +64,12 @@ def _error(e: Estimate) -> float:
     return 0.0 if math.isnan(e.half_width) else e.half_width
 
 
-def plot(configs: list[Configuration], x_of, x_label, label_points) -> bytes:
-    """Mean top-1 with its 95% interval against cost, one marker per kind, Pareto front of the means."""
+def plot(configs: list[Configuration], x_of, x_label, label_points, y_label="val top-1") -> bytes:
+    """Mean score (top-1 or mAP) with its 95% interval against cost, one marker per kind (a detector's
+    backbone form, its heads' mixer by colour), Pareto front of the means."""
     plt, fig, ax = _figure()
+    if not configs:
+        ax.text(0.5, 0.5, "no runs of this task", ha="center", va="center", transform=ax.transAxes)
     for kind in sorted({c.kind for c in configs}):
         pts = [c for c in configs if c.kind == kind]
         ests = [c.estimate() for c in pts]
@@ -96,18 +100,18 @@ def plot(configs: list[Configuration], x_of, x_label, label_points) -> bytes:
     ns = sorted({c.estimate().n for c in configs})
     ax.set_title(f"mean and 95% interval over seeds (n = {', '.join(map(str, ns))})", fontsize=9)
     ax.set_xlabel(x_label)
-    ax.set_ylabel("val top-1 at the last epoch (%)")
+    ax.set_ylabel(f"{y_label} at the last epoch (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     return _png(plt, fig)
 
 
-def plot_sweep(rows) -> bytes:
+def plot_sweep(rows, y_label="val top-1") -> bytes:
     """The sweep's configurations (trials pooled over seeds): colour = spatial extent k, marker = stem."""
     plt, fig, ax = _figure()
     pooled = defaultdict(list)
     for r in rows:
-        pooled[(r["kernel_size"], r["stem"], r["mflops"])].append(r["top1"])
+        pooled[(r["kernel_size"], r["stem"], r["mflops"])].append(r["score"])
     ks = sorted({r["kernel_size"] for r in rows}, key=lambda k: (k is None, k or 0))
     colours = dict(zip(ks, plt.cm.viridis([0.85 * i / max(1, len(ks) - 1) for i in range(len(ks))])))  # no pale yellow
     for (k, stem, mflops), values in pooled.items():
@@ -128,7 +132,7 @@ def plot_sweep(rows) -> bytes:
     for stem in sorted({r["stem"] for r in rows if r["stem"] is not None}):
         ax.scatter([], [], color="0.4", marker=STEM_MARKERS.get(stem, "D"), label=f"{stem} stem")
     ax.set_xlabel("FLOPs per image (M)")
-    ax.set_ylabel("val top-1 at the last epoch (%)")
+    ax.set_ylabel(f"{y_label} at the last epoch (%)")
     ax.set_title("sweep trials: mean and 95% interval over seeds", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # outside: never hides a point

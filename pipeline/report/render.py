@@ -7,8 +7,9 @@ import math
 
 from pipeline.config import Config
 from pipeline.locations import redact
-from pipeline.report.tables import TOP1, Block, Configuration, Row, Tables, family_of, is_resnet
+from pipeline.report.tables import Block, Configuration, Row, Tables, family_of
 from pipeline.stats import estimate
+from pipeline.tasks import Task
 from pipeline.tracking import tracking_uri
 
 
@@ -49,23 +50,31 @@ def tables_markdown(tables: Tables) -> list[str]:
 def _mixer_cell(arch) -> str:
     """``halo (3, 4)``: what fills the bottlenecks' 3x3 position, and in which groups (a family
     beyond the ResNets: its name)."""
-    if not is_resnet(arch):
+    if "attention_groups" not in arch:  # neither a ResNet nor a detector over one
         return family_of(arch)
     groups = arch["attention_groups"]
     return "-" if not groups else f"{arch['mixer']} ({', '.join(map(str, groups))})"
 
 
-def variants_lines(variants: dict[str, list[dict]]) -> list[str]:
+def _percent(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def variants_lines(variants: dict[str, list[dict]], task: Task) -> list[str]:
+    """Every variant: its task's score over seeds, and the means of its other results (top-5, or
+    mAP@50 ... mAP of large objects)."""
+    others = task.results[1:]
     columns = (
         "variant",
         "model",
         "stem",
         "mixer (groups)",
+        *(["FPN + heads"] if task.name == "detection" else []),
         "params",
         "MFLOPs",
-        TOP1,
+        f"{task.label} (mean ± 95% CI)",
         "per seed",
-        "top-5 %",
+        *(task.columns[k] for k in others),
         "train images/s",
     )
     rows = []
@@ -77,11 +86,12 @@ def variants_lines(variants: dict[str, list[dict]]) -> list[str]:
                 arch["model"],
                 arch.get("stem", "-"),
                 _mixer_cell(arch),
+                *([arch["head_mixer"]] if task.name == "detection" else []),
                 f"{r0['params']:,}",
                 f"{r0['mflops']:.1f}",
-                str(estimate([r["top1"] for r in runs])),
-                ", ".join(f"{r['seed']}: {r['top1']:.2f}" for r in runs),
-                f"{sum(r['top5'] for r in runs) / len(runs):.2f}",
+                str(estimate([r["score"] for r in runs])),
+                ", ".join(f"{r['seed']}: {r['score']:.2f}" for r in runs),
+                *(_percent(sum(r["results"][k] for r in runs) / len(runs)) for k in others),
                 f"{sorted(r['images_per_s'] for r in runs)[len(runs) // 2]:.0f}",  # the median
             ]
         )
@@ -89,15 +99,15 @@ def variants_lines(variants: dict[str, list[dict]]) -> list[str]:
 
 
 def sweep_lines(rows, cfg: Config) -> list[str]:
-    keys = list(cfg.sweep.space)
+    keys, label = list(cfg.sweep.space), cfg.data.task.label
     columns = (
         "trial",
         *keys,
         "seed",
         "MFLOPs",
         "params",
-        "top-1 % (last epoch)",
-        "best epoch's top-1 %",
+        f"{label} (last epoch)",
+        f"best epoch's {label}",
         "epochs",
         "node",
     )
@@ -111,8 +121,8 @@ def sweep_lines(rows, cfg: Config) -> list[str]:
                 str(r["seed"]),
                 f"{r['mflops']:.1f}",
                 f"{r['params']:,}",
-                f"{r['top1']:.2f}",
-                f"{float(r['best_epoch_top1']):.2f}",
+                f"{r['score']:.2f}",
+                f"{r['best_epoch_score']:.2f}",
                 epochs,
                 str(r["node_ip"]),
             ]
@@ -122,19 +132,20 @@ def sweep_lines(rows, cfg: Config) -> list[str]:
         f"Ray Tune sweep `{cfg.sweep.name}` over {swept} from variant `{cfg.sweep.base}`, each point once per seed "
         f"({len(rows)} trials, {cfg.sweep.scheduler.type.upper()} scheduler). Trials that ran every epoch are pooled "
         "into the tables above with the variants of the same architecture; trials an ASHA scheduler stopped early are "
-        "listed here only (top-1 at the epoch they stopped at)."
+        f"listed here only ({label} at the epoch they stopped at)."
     )
     return ["", "## Sweep trials", "", about, "", "![sweep](sweep_accuracy_vs_flops.png)", "", *_table(columns, cells)]
 
 
 def markdown(cfg: Config, variants, configs: list[Configuration], sweep_rows, tables: Tables) -> str:
-    comparisons = tables.comparisons()
+    comparisons, task = tables.comparisons(), cfg.data.task
     resolved = sum(v.resolved for v in comparisons)
     about = (
         f"Dataset `{cfg.data.source}` at {cfg.data.resolution} px, {cfg.train.epochs} epochs, seeds {cfg.train.seeds}; "
         f"runs read from MLflow (`{redact(tracking_uri(cfg))}`, experiment `{cfg.mlflow.experiment}`), "
         f"{len(configs)} configurations from {sum(len(c.runs) for c in configs)} runs. FLOPs = 2 x multiply-adds per "
-        "image at the training resolution. Top-1 is the last epoch's. Each cell: mean ± half-width of the 95% "
+        "image at the training resolution. Top-1 and mAP (COCO's, over IoU 0.50:0.95) are the last epoch's. "
+        "Each cell: mean ± half-width of the 95% "
         "t-interval over seeds (n runs). A difference from a baseline is *resolved* when its test gives p < 0.05: a "
         "paired t-test over the seeds both share, else Welch's t-test; each row is one test, not corrected for the "
         f"several a table makes. Here: {resolved} of {len(comparisons)} comparisons resolved, "
@@ -145,18 +156,23 @@ def markdown(cfg: Config, variants, configs: list[Configuration], sweep_rows, ta
         "",
         about,
         "",
-        "![top-1 vs FLOPs](accuracy_vs_flops.png)",
+        f"![{task.label} vs FLOPs]({PLOTS[task.name]})",
         *tables_markdown(tables),
-        *variants_lines(variants),
+        *variants_lines(variants, task),
         *sweep_lines(sweep_rows, cfg),
     ]
     return "\n".join(lines) + "\n"
 
 
+# the plot of each task's configurations, score against FLOPs
+PLOTS = {"classification": "accuracy_vs_flops.png", "detection": "detection_map_vs_flops.png"}
+
+
 def csv_rows(configs: list[Configuration]) -> list[dict]:
+    """One row per configuration; its score in ``top1`` (classifiers) or ``map`` (detectors)."""
     rows = []
     for c in configs:
-        e = c.estimate()
+        e, score = c.estimate(), "map" if c.is_detector else "top1"
         rows.append(
             {
                 "configuration": c.label(),
@@ -167,10 +183,12 @@ def csv_rows(configs: list[Configuration]) -> list[dict]:
                 "mixer": c.arch.get("mixer", ""),
                 "kernel_size": c.arch.get("kernel_size", ""),
                 "pos_enc": c.arch.get("pos_enc", ""),
+                "head_mixer": c.arch.get("head_mixer", ""),
                 "params": c.params,
                 "mflops": round(c.mflops, 3),
-                "top1": round(e.mean, 3),
-                "top1_ci95": round(e.half_width, 3),
+                **{k: "" for k in ("top1", "top1_ci95", "map", "map_ci95")},
+                score: round(e.mean, 3),
+                f"{score}_ci95": round(e.half_width, 3),
                 "n": e.n,
                 "run_ids": " ".join(r["run_id"] for r in c.runs.values()),
             }
@@ -180,19 +198,20 @@ def csv_rows(configs: list[Configuration]) -> list[dict]:
 
 def metrics_summary(cfg: Config, variants: dict[str, list[dict]], configs: list[Configuration]) -> dict:
     """``metrics.json``, what ``dvc exp show`` / ``dvc metrics diff`` compare: each current variant,
-    and each configuration of the current sweep (``NAME kernel_size=5``), as top-1 % (mean), its
-    95% interval half-width, n seeds and MFLOPs."""
+    and each configuration of the current sweep (``NAME kernel_size=5``), as the task's score in %
+    (``top1`` or ``map``: mean), its 95% interval half-width, n seeds and MFLOPs."""
+    score = cfg.data.task.score
 
-    def entry(top1: list[float], mflops: float) -> dict:
-        e = estimate(top1)
+    def entry(values: list[float], mflops: float) -> dict:
+        e = estimate(values)
         interval = (
             None if math.isnan(e.half_width) else round(e.half_width, 3)
         )  # one seed: no interval (JSON has no NaN)
-        return {"top1": round(e.mean, 3), "top1_ci95": interval, "n": e.n, "mflops": round(mflops, 3)}
+        return {score: round(e.mean, 3), f"{score}_ci95": interval, "n": e.n, "mflops": round(mflops, 3)}
 
-    summary = {name: entry([r["top1"] for r in runs], runs[0]["mflops"]) for name, runs in variants.items()}
+    summary = {name: entry([r["score"] for r in runs], runs[0]["mflops"]) for name, runs in variants.items()}
     for c in configs:
         for sweep, values in c.trials:
             if sweep == cfg.sweep.name:
-                summary[f"{sweep} {values}"] = entry(list(c.top1().values()), c.mflops)  # DVC reads [..] as an index
+                summary[f"{sweep} {values}"] = entry(list(c.scores().values()), c.mflops)  # DVC reads [..] as an index
     return summary

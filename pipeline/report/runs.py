@@ -12,8 +12,9 @@ from mlflow import MlflowClient
 
 from pipeline.config import Config
 from pipeline.locations import redact
-from pipeline.report.tables import Configuration, is_resnet
+from pipeline.report.tables import Configuration
 from pipeline.stage import StageError
+from pipeline.tasks import TASKS, Task
 from pipeline.tracking import tracking_uri
 
 SWEEP_RESULTS = Path("sweep/results.csv")
@@ -29,12 +30,17 @@ def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> lis
             return runs
 
 
+def task_of(run) -> Task:
+    return TASKS[run.data.tags.get("sasa.task", "classification")]
+
+
 def run_record(run) -> dict:
-    """One run as the report needs it. A variant's run is named by its variant; a sweep trial's by
-    its sweep and swept values (``k kernel_size=5``), which are also its ``trial``."""
-    m, tags = run.data.metrics, run.data.tags
+    """One run as the report needs it: its task's results in % (``score``: top-1, or a detector's mAP;
+    a size class without objects, COCO's -1, is NaN). A variant's run is named by its variant; a sweep
+    trial's by its sweep and swept values (``k kernel_size=5``), which are also its ``trial``."""
+    m, tags, task = run.data.metrics, run.data.tags, task_of(run)
     arch = {k.split("/", 1)[1]: json.loads(v) for k, v in run.data.params.items() if k.startswith("resolved/")}
-    if is_resnet(arch):
+    if "attention_groups" in arch:  # a ResNet, or a detector's ResNet backbone
         arch["attention_groups"] = tuple(arch["attention_groups"])
     if "sasa.variant" in tags:
         name, trial = tags["sasa.variant"], None
@@ -51,8 +57,9 @@ def run_record(run) -> dict:
         "arch": arch,
         "params": int(m["num_params"]),
         "mflops": m["flops"] / 1e6,
-        "top1": 100 * m["top1"],
-        "top5": 100 * m.get("top5", math.nan),
+        "task": task.name,
+        "score": 100 * m[task.score],
+        "results": {k: 100 * m[k] if m.get(k, -1) >= 0 else math.nan for k in task.results},
         "images_per_s": m.get("throughput_images_per_s", math.nan),
         "start_time": run.info.start_time,
     }
@@ -93,10 +100,13 @@ def load_runs(cfg: Config) -> tuple[dict[str, list[dict]], list[Configuration]]:
     configs = {}  # (recipe, architecture) -> its configuration, with the latest finished run of each seed
     for recipe in dict.fromkeys([cfg.recipe(cfg.train), cfg.recipe(cfg.trial_train())]):
         for run in _search(client, exp_id, f"tags.`sasa.recipe` = '{recipe}' and attributes.status = 'FINISHED'"):
-            if run.data.tags.get("sasa.kind") not in ("train", "sweep_trial") or "top1" not in run.data.metrics:
+            trained = run.data.tags.get("sasa.kind") in ("train", "sweep_trial")
+            if not trained or task_of(run).score not in run.data.metrics:
                 continue
             row = run_record(run)
-            c = configs.setdefault((recipe, row["arch_hash"]), Configuration(row["arch"], row["params"], row["mflops"]))
+            c = configs.setdefault(
+                (recipe, row["arch_hash"]), Configuration(row["arch"], row["params"], row["mflops"], row["task"])
+            )
             c.names.add(row["name"])
             if row["trial"]:
                 c.trials.add(row["trial"])
@@ -105,8 +115,9 @@ def load_runs(cfg: Config) -> tuple[dict[str, list[dict]], list[Configuration]]:
     return variants, sorted(configs.values(), key=lambda c: c.mflops)
 
 
-def load_sweep(path: Path = SWEEP_RESULTS) -> list[dict]:
-    """The sweep's trials, every one (ASHA-stopped too), with their columns typed."""
+def load_sweep(task: Task, path: Path = SWEEP_RESULTS) -> list[dict]:
+    """The sweep's trials, every one (ASHA-stopped too), with their columns typed; ``score`` and
+    ``best_epoch_score`` are the task's score (top-1 or mAP)."""
     if not path.is_file():
         raise StageError(f"{path} is missing: run the sweep stage first (dvc repro sweep)")
     rows = list(csv.DictReader(path.open()))
@@ -119,7 +130,8 @@ def load_sweep(path: Path = SWEEP_RESULTS) -> list[dict]:
             params=int(r["params"]),
             mflops=float(r["mflops"]),
             seed=int(r["seed"]),
-            top1=float(r["top1"]),
+            score=float(r[task.score]),
+            best_epoch_score=float(r[f"best_epoch_{task.score}"]),
             epochs=int(r["epochs"]),
             stopped_early=r["stopped_early"] == "True",
         )

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 
 from pipeline.stats import Comparison, Estimate, compare, estimate
 from sasa.models import FORMS, model_family
-from sasa.paper import STEM_ABLATION, TABLE1, TABLE3, TABLE4, TABLE5
+from sasa.paper import DETECTION_RATIOS, STEM_ABLATION, TABLE1, TABLE3, TABLE4, TABLE5
 
 DEPTH_NAMES = {"resnet26": "ResNet-26", "resnet38": "ResNet-38", "resnet50": "ResNet-50"}
 # what only attention uses: irrelevant to a network with a conv stem and no attention group
 ATTENTION_ONLY = ("kernel_size", "heads", "pos_enc", "mixer", "mixer_args")
 TOP1 = "top-1 % (mean ± 95% CI)"
+MAP = "mAP % (mean ± 95% CI)"
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Configuration:
     arch: dict
     params: int
     mflops: float
+    task: str = "classification"  # its score: top-1, or a detector's mAP (pipeline.tasks)
     runs: dict[int, dict] = field(default_factory=dict)  # seed -> its latest run
     names: set[str] = field(default_factory=set)  # the variants and sweep points that trained it
     trials: set[tuple[str, str]] = field(default_factory=set)  # (sweep, swept values) of its trials
@@ -35,31 +37,60 @@ class Configuration:
         return is_resnet(self.arch)
 
     @property
+    def is_detector(self) -> bool:
+        return is_detector(self.arch)
+
+    @property
     def attends(self) -> bool:
-        return not self.is_resnet or bool(self.arch["attention_groups"]) or self.arch["stem"] != "conv"
+        if not (self.is_resnet or self.is_detector):
+            return True
+        backbone = bool(self.arch["attention_groups"]) or self.arch["stem"] != "conv"
+        return backbone or self.arch.get("head_mixer", "conv") != "conv"
 
     @property
     def kind(self) -> str:
-        """What the plot marks it by: the SASA form, the attention mixer, or the model family."""
+        """What the plot marks it by: the SASA form, the attention mixer, the model family, or a
+        detector's backbone and heads."""
+        if self.is_detector:
+            return f"{backbone_name(self.arch)} + {self.arch['head_mixer']} FPN/heads"
         if not self.is_resnet:
             return family_of(self.arch)
         if self.arch["attention_groups"] and self.arch["mixer"] != "sasa":
             return self.arch["mixer"]
         return paper_form(self.arch) or "other"
 
-    def top1(self) -> dict[int, float]:
-        return {seed: r["top1"] for seed, r in self.runs.items()}
+    def scores(self) -> dict[int, float]:
+        """Each seed's score: top-1 %, or a detector's mAP %."""
+        return {seed: r["score"] for seed, r in self.runs.items()}
 
     def estimate(self) -> Estimate:
-        return estimate(list(self.top1().values()))
+        return estimate(list(self.scores().values()))
 
     def label(self) -> str:
         return ", ".join(sorted(self.names))
 
 
+def is_detector(arch: dict) -> bool:
+    """A detector over a ResNet (its resolved architecture records what fills its FPN and heads)."""
+    return "head_mixer" in arch
+
+
 def is_resnet(arch: dict) -> bool:
-    """The paper's tables compare ResNets; other families (transformers) are in the plot and lists."""
-    return "attention_groups" in arch
+    """The paper's classification tables compare ResNets; other families (transformers) are in the
+    plot and lists, detectors in Table 2."""
+    return "attention_groups" in arch and not is_detector(arch)
+
+
+def backbone_name(arch: dict) -> str:
+    """A detector's backbone as Table 2 names it: its SASA form, or its stem and attention groups."""
+    form = paper_form(_as_resnet(arch))
+    if form:
+        return form
+    return f"{arch['stem']} stem, {arch['mixer']} in groups {show_groups(arch['attention_groups'])}"
+
+
+def _as_resnet(arch: dict) -> dict:
+    return {k: v for k, v in arch.items() if k != "head_mixer"}
 
 
 def family_of(arch: dict) -> str:
@@ -132,7 +163,7 @@ def _row(lead: tuple[str, ...], c: Configuration, base: Configuration | None, pa
         return Row(lead, c, None, no_base, paper)
     if c is base:
         return Row(lead, c, None, "baseline", paper)
-    return Row(lead, c, compare(c.top1(), base.top1()), "", paper)
+    return Row(lead, c, compare(c.scores(), base.scores()), "", paper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +208,28 @@ def depth_form_block(table: Table, block: list[Configuration], where: str) -> Bl
     return Block(where, columns, tuple(rows))
 
 
+def detection_block(table: Table, block: list[Configuration], where: str) -> Block:
+    """Table 2: each backbone with conv, then attention, FPN and heads, against the all-conv detector
+    of the same settings; FLOPs and parameters also as its ratios to that detector's, the all-attention
+    row beside the abstract's."""
+    base = next((c for c in block if not c.attends), None)
+    forms = list(FORMS)
+
+    def order(c: Configuration):
+        form = paper_form(_as_resnet(c.arch))
+        return c.arch["head_mixer"] != "conv", forms.index(form) if form in forms else len(forms), c.mflops
+
+    rows = []
+    for c in sorted(block, key=order):
+        ratios = "-" if base is None else f"{c.mflops / base.mflops:.2f}x / {c.params / base.params:.2f}x"
+        if paper_form(_as_resnet(c.arch)) == "full_attention" and c.arch["head_mixer"] != "conv":
+            ratios += " (abstract: {flops:.2f}x / {params:.2f}x)".format(**DETECTION_RATIOS)
+        lead = (backbone_name(c.arch).replace("_", " "), c.arch["head_mixer"])
+        rows.append(_row(lead, c, base, ratios, "no all-conv detector of these settings"))
+    columns = ("backbone", "FPN + heads", "MFLOPs", "params (M)", MAP, "vs all-conv", "FLOPs / params vs all-conv")
+    return Block(where, columns, tuple(rows))
+
+
 def best_mean(block: list[Configuration]) -> Configuration:
     return max(block, key=lambda c: c.estimate().mean)
 
@@ -215,6 +268,10 @@ class Table:
     order: Callable[[object], object] = lambda value: value  # rows sort by this of their factor value
     needs: Callable[[Configuration], bool] = lambda c: True  # a block shows only if one of its configurations has this
     layout: Callable[[Table, list[Configuration], str], Block] = factor_block
+    detectors: bool = False  # a table of detectors (Table 2); the others are of classifiers
+
+    def members(self, configs: list[Configuration]) -> list[Configuration]:
+        return [c for c in configs if (c.is_detector if self.detectors else c.is_resnet) and self.wanted(c)]
 
     def block(self, configs: list[Configuration], where: str) -> Block:
         return self.layout(self, configs, where)
@@ -232,6 +289,20 @@ TABLES = [
         paper="ImageNet, 224 px, full-width models",
         paper_cell=paper_numbers(TABLE1, "{:.1f} / {:.1f} / {:.1f}"),
         layout=depth_form_block,
+    ),
+    Table(
+        title="Table 2: detection (RetinaNet, FPN + heads x backbone)",
+        factor=("stem", "attention_groups", "head_mixer"),
+        wanted=lambda c: True,
+        baseline="conv",
+        baseline_text="the all-conv RetinaNet (conv backbone, conv FPN and heads) of the same settings",
+        how="variants of `model: retinanet_resnet26 | 38 | 50` with `form` x `head_mixer: conv | sasa` on "
+        "`data.source: digit_canvases | coco` (configs/table2.yaml, configs/coco.yaml)",
+        paper="COCO, RetinaNet with a ResNet-50 FPN; the abstract gives the all-attention detector's ratios to the "
+        "conv one, 0.61x FLOPs and 0.66x parameters, at equal mAP",
+        paper_cell=lambda value: "-",
+        layout=detection_block,
+        detectors=True,
     ),
     Table(
         title="Table 3: which groups hold attention",
@@ -294,7 +365,7 @@ def _factor_value(c: Configuration, factor) -> tuple:
 
 def blocks(table: Table, configs: list[Configuration]) -> list[list[Configuration]]:
     """Groups of configurations that differ in the table's factor alone, each with two or more values."""
-    members = [c for c in configs if c.is_resnet and table.wanted(c)]
+    members = table.members(configs)
     groups = defaultdict(list)
     for c in members:
         if c.attends:
@@ -330,7 +401,7 @@ def _differing(block: list[Configuration], found: list[list[Configuration]], fac
 def families_section(configs: list[Configuration]) -> Section | None:
     """Every configuration beyond the ResNets (ViT, CvT, ...) against the conv ResNet of the same
     recipe (the one with the most seeds), paired by seed."""
-    others = [c for c in configs if not c.is_resnet]
+    others = [c for c in configs if not (c.is_resnet or c.is_detector)]
     if not others:
         return None
     convs = [c for c in configs if paper_form(c.arch) == "conv"]

@@ -52,6 +52,14 @@ def model_family(name: str) -> str:
     return _MODELS[name][1]
 
 
+def model_task(name: str) -> str:
+    """``classification`` or ``detection``: what the model is trained for (timm's models classify)."""
+    if is_timm(name):
+        return "classification"
+    check_model(name)
+    return _MODELS[name][2]
+
+
 def is_resnet(name: str) -> bool:
     """Whether ``name`` is one of the ResNets, which take the paper's architecture keys."""
     return not is_timm(name) and name in _MODELS and _MODELS[name][1] == RESNET

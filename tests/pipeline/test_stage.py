@@ -75,4 +75,4 @@ def test_a_corrupt_meta_json_names_the_file_and_the_fix(tmp_path, text, why):
 
     (tmp_path / "meta.json").write_text(text)
     with pytest.raises(StageError, match=f"{tmp_path / 'meta.json'} is {why}.*run dvc repro -f prepare"):
-        preflight.prepared_data(tmp_path, batch_size=8)
+        preflight.prepared_data(tmp_path, batch_size=8, task="classification")
