@@ -86,7 +86,7 @@ class FileDataset(Dataset):
 
         path, boxes, labels = self.rows[i]
         with Image.open(self.root / path) as img:
-            image = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1).float().div(255)
+            image = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float().div(255)
         boxes, labels = np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)
         return flip_maybe(image, boxes, labels, self.hflip)
 

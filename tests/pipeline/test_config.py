@@ -92,6 +92,31 @@ BAD = [
     ),
     ({"sweep": {"resources": {"gpu": -1}}}, "sweep.resources.gpu"),
     ({"sweep": {"name": "a b"}}, "sweep.name"),
+    (
+        {"models": {"variants": {"conv": {"model": "retinanet_resnet26"}}}},
+        "models.variants.conv: retinanet_resnet26 is a detection model, and data.source='mnist5k' feeds "
+        "classification models (cvt13 | cvt21 | resnet26 | resnet38 | resnet50 | timm:NAME); detection models "
+        "train on data.source digit_canvases | coco",
+    ),
+    (
+        {"data": {"source": "digit_canvases"}},
+        "models.variants.conv: resnet26 is a classification model, and data.source='digit_canvases' feeds "
+        "detection models (retinanet_resnet26 | retinanet_resnet38 | retinanet_resnet50)",
+    ),
+    (
+        {"data": {"source": "digit_canvases"}, "models": {"common": {"model": "retinanet_resnet26"}}},
+        "sweep.metric='val_top1': detection runs are compared by val_map",
+    ),
+    (
+        {"models": {"variants": {"conv": {"head_mixer": "sasa"}}}},
+        "models.variants.conv: head_mixer: options of the detectors; resnet26 is a classifier",
+    ),
+    ({"data": {"canvas": {"digit_sizes": [20, 10]}}}, "data.canvas.digit_sizes: .low, high. with low <= high"),
+    ({"data": {"canvas": {"size": 32}}}, "data.canvas.digit_sizes: 64 px exceeds the 32 px canvas"),
+    (
+        {"data": {"source": "digit_canvases", "path": "/x"}},
+        "data.path='/x' is set but data.source is digit_canvases, which ignores it",
+    ),
 ]
 
 

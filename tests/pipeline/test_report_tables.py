@@ -287,3 +287,58 @@ def test_every_kind_has_its_own_marker():
     for m in [*markers, marker("efficientnet")]:
         MarkerStyle(m)  # raises on anything matplotlib cannot draw
     assert marker("efficientnet") in FALLBACK_MARKERS and marker("efficientnet") == marker("efficientnet")
+
+
+def detector(**changes) -> dict:
+    """A RetinaNet's resolved architecture: the ResNet backbone's keys and what fills its FPN and heads."""
+    return {**RESNET, "model": "retinanet_resnet26", "head_mixer": "conv", "fpn_channels": 32, **changes}
+
+
+def test_table2_crosses_backbone_and_heads_against_the_all_conv_detector_with_cost_ratios():
+    def det(name, scores, mflops, params, **arch):
+        c = config(detector(**arch), scores, name, mflops=mflops)
+        c.params, c.task = params, "detection"
+        return c
+
+    conv = det("conv", CONV, 100.0, 1_000_000)
+    heads = det("heads", CLEARLY_BETTER, 90.0, 900_000, head_mixer="sasa")
+    full = det("full", NOISE, 61.0, 660_000, stem="attention", attention_groups=ALL, head_mixer="sasa")
+    csa = det("csa", NOISE, 80.0, 800_000, attention_groups=ALL)
+    classifier = config(resnet(), CONV, "classifier")
+    tables = paper_tables([conv, heads, full, csa, classifier])
+    (block,) = section(tables, "Table 2").blocks
+    rows = rows_by_lead(block)
+    assert list(rows) == [
+        ("conv", "conv"),
+        ("conv stem attention", "conv"),
+        ("conv", "sasa"),
+        ("full attention", "sasa"),
+    ]
+    assert rows["conv", "conv"].note == "baseline" and rows["conv", "conv"].paper == "1.00x / 1.00x"
+    assert rows["conv", "sasa"].comparison.resolved and not rows["full attention", "sasa"].comparison.resolved
+    assert rows["full attention", "sasa"].paper == "0.61x / 0.66x (abstract: 0.61x / 0.66x)"
+    assert rows["conv stem attention", "conv"].paper == "0.80x / 0.80x"
+    assert block.columns[4] == "mAP % (mean ± 95% CI)"
+    # detectors stay out of the classifiers' tables and the families beyond the ResNets
+    others = [r.config for s in tables.sections if not s.title.startswith("Table 2") for b in s.blocks for r in b.rows]
+    assert not any(c.is_detector for c in others)
+    rows_csv = {r["configuration"]: r for r in csv_rows([conv, classifier])}
+    assert rows_csv["conv"]["map"] == 71.0 and rows_csv["conv"]["top1"] == ""
+    assert rows_csv["classifier"]["top1"] == 71.0 and rows_csv["classifier"]["map"] == ""
+    assert marker(full.kind) == FORM_MARKERS["full_attention"] and full.kind == "full_attention + sasa FPN/heads"
+
+
+def test_run_record_reads_a_detection_run_by_its_task():
+    params = {
+        "resolved/model": '"retinanet_resnet26"',
+        "resolved/attention_groups": "[]",
+        "resolved/head_mixer": '"sasa"',
+    }
+    metrics = {"num_params": 10.0, "flops": 1e6, "map": 0.25, "map_50": 0.5, "map_large": -1.0}
+    tags = {"sasa.seed": "0", "sasa.arch": "x", "sasa.kind": "train", "sasa.variant": "d", "sasa.task": "detection"}
+    run = SimpleNamespace(
+        info=SimpleNamespace(run_id="r", start_time=1), data=SimpleNamespace(params=params, tags=tags, metrics=metrics)
+    )
+    record = run_record(run)
+    assert record["task"] == "detection" and record["score"] == 25.0 and record["results"]["map_50"] == 50.0
+    assert record["results"]["map_large"] != record["results"]["map_large"]  # COCO's -1 (no large objects): NaN
