@@ -106,8 +106,15 @@ def test_the_cli_counts_a_detector(capsys):
         ({"anchor_sizes": (32, 64)}, "anchor_sizes takes 5 positive ints"),
         ({"image_size": 0}, "image_size must be a positive integer"),
         ({"head_mixer": "halo", "head_mixer_args": {"block": 4}}, "mixer='halo' has no option 'block'"),
+        ({"small_input": True}, "small_input=True are not the backbone's"),
     ],
 )
 def test_bad_detector_options_name_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sasa.create_model("retinanet_resnet26", **{**SMALL, **kwargs})
+
+
+def test_small_input_false_is_the_standard_stem_a_shared_models_common_may_set():
+    """configs/coco.yaml extends imagenet.yaml, whose models.common says small_input: false."""
+    plain, explicit = (sasa.create_model("retinanet_resnet26", **SMALL, **kw) for kw in ({}, {"small_input": False}))
+    assert plain.config == explicit.config and sasa.count(plain, 64) == sasa.count(explicit, 64)
