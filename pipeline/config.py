@@ -287,10 +287,17 @@ class Config(Section):
         task = self.data.task
         for name in self.models.variants:
             arch = self.models.resolved(name)
-            if arch.task != task.name:
+            try:
+                model_task = arch.task
+            except ValueError:
+                raise ValueError(
+                    f"models.variants.{name}: model={arch.model_name!r} is not supported; data.source="
+                    f"{self.data.source!r} feeds {task.name} models: {models_for(task.name)}"
+                ) from None
+            if model_task != task.name:
                 other = next(t for t in TASKS.values() if t is not task)
                 raise ValueError(
-                    f"models.variants.{name}: {arch.model_name} is a {arch.task} model, and data.source="
+                    f"models.variants.{name}: {arch.model_name} is a {model_task} model, and data.source="
                     f"{self.data.source!r} feeds {task.name} models ({models_for(task.name)}); "
                     f"{other.name} models train on data.source {' | '.join(other.sources)}"
                 )
@@ -357,6 +364,9 @@ class Config(Section):
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
+        if not e["loc"]:  # a check across sections: its message names the keys, its input is the whole file
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
         path = ".".join(str(p) for p in e["loc"])
         value = redact(e["input"]) if isinstance(e["input"], str) else e["input"]  # a URI's password stays out of logs
         got = "" if e["type"] == "missing" else f" (got {value!r})"

@@ -57,7 +57,7 @@ def report(cfg: Config, out: Path = REPORTS):
         ):
             (tmp / f"accuracy_vs_{name}.png").write_bytes(plot(classifiers, x_of, x_label, cfg.report.label_points))
         (tmp / PLOTS["detection"]).write_bytes(
-            plot(detectors, lambda c: c.mflops, "FLOPs per image (M)", cfg.report.label_points, "val mAP")
+            plot(detectors, lambda c: c.mflops, "FLOPs per image (M)", False, "val mAP")  # the legend names each
         )
         (tmp / "sweep_accuracy_vs_flops.png").write_bytes(plot_sweep(sweep_rows, f"val {task.label.split()[0]}"))
         (tmp / "results.md").write_text(markdown(cfg, variants, configs, sweep_rows, tables))

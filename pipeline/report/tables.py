@@ -420,11 +420,16 @@ def families_section(configs: list[Configuration]) -> Section | None:
 
 
 def paper_tables(configs: list[Configuration]) -> Tables:
+    """The tables the configurations cover; of the others, Table 2 (what a classification report
+    points to) and those of the task the configurations are of (a detectors-only report lists no
+    classification table)."""
     sections, without_runs = [], []
+    kinds = {c.is_detector for c in configs}
     for table in TABLES:
         found = blocks(table, configs)
         if not found:
-            without_runs.append(table)
+            if table.detectors or table.detectors in kinds:
+                without_runs.append(table)
             continue
         intro = f"Baseline of each comparison: {table.baseline_text}. Paper: {table.paper}."
         sections.append(

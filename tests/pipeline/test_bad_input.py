@@ -35,12 +35,16 @@ CASES = [
     (
         "train",
         {"models": {"common": {"model": "resnet27"}}},
-        "model='resnet27' is not supported; allowed: 'cvt13', 'cvt21', 'resnet26', 'resnet38', 'resnet50', "
-        "'timm:NAME (a timm model)'",
+        "models.variants.conv: model='resnet27' is not supported; data.source='mnist5k' feeds classification "
+        "models: cvt13 | cvt21 | resnet26 | resnet38 | resnet50 | timm:NAME",
     ),
     ("train", {"models": {"variants": {"conv": {"form": "hybrid"}}}}, "models.variants.conv: form='hybrid'"),
     ("train", {"models": {"variants": {"conv": {"stem": "patchify"}}}}, "models.variants.conv: stem"),
-    ("prepare", {"data": {"source": "imagenet"}}, "data.source: Input should be 'mnist5k', 'imagefolder' or 'cifar10'"),
+    (
+        "prepare",
+        {"data": {"source": "imagenet"}},
+        "data.source: Input should be 'mnist5k', 'imagefolder', 'cifar10', 'digit_canvases' or 'coco'",
+    ),
     ("sweep", {"sweep": {"space": {}}}, "sweep.space: Value error, define at least one key to sweep"),
     ("train", {"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than 0"),
     ("train", {"train": {"epochs": 0}}, "train.epochs: Input should be greater than 0"),

@@ -2,6 +2,7 @@
 and say what the paper did; the recipe's knobs do what they say in a real Trainer."""
 
 import functools
+import itertools
 
 import lightning.pytorch as pl
 import pytest
@@ -113,3 +114,26 @@ def test_lr_scales_with_the_global_batch_and_bn_decay_reaches_every_norm(prepare
     trainer = build_trainer(train, logger=False, enable_checkpointing=False, callbacks=[record])
     trainer.fit(module, datamodule=PreparedDataModule(DataConfig(**TINY["data"]), 32, prepared_mnist))
     assert record.lr == pytest.approx(0.4 * 32 / 128)
+
+
+def _table2_rows(cfg) -> set[tuple[str, str]]:
+    """The (backbone form, FPN + heads) pairs a preset trains: its variants and its sweep's grid."""
+    rows = {(cfg.models.resolved(v).form, cfg.models.resolved(v).head_mixer) for v in cfg.models.variants}
+    keys = [k for k in ("form", "head_mixer") if k in cfg.sweep.space]
+    base = cfg.models.resolved(cfg.sweep.base)
+    for values in itertools.product(*(cfg.sweep.space[k] for k in keys)):
+        point = {"form": base.form, "head_mixer": base.head_mixer, **dict(zip(keys, values))}
+        rows.add((point["form"], point["head_mixer"]))
+    return rows
+
+
+@pytest.mark.parametrize("name", ["coco.yaml", "table2.yaml"])
+def test_the_detection_presets_train_every_row_of_table2(name):
+    cfg = _load(name)
+    forms = {"conv", "conv_stem_attention", "full_attention"}
+    assert _table2_rows(cfg) == {(form, heads) for form in forms for heads in ("conv", "sasa")}
+    assert cfg.data.task.name == "detection" and cfg.sweep.metric == "val_map"
+    assert cfg.recipe(cfg.trial_train()) == cfg.recipe(cfg.train)  # trials pool with the variants
+    if name == "coco.yaml":  # the paper's setting: RetinaNet ResNet-50 FPN on COCO at 640 px, k = 7
+        assert {cfg.models.resolved(v).model for v in cfg.models.variants} == {"retinanet_resnet50"}
+        assert (cfg.data.source, cfg.data.resolution, cfg.models.common.kernel_size) == ("coco", 640, 7)

@@ -319,6 +319,10 @@ def test_table2_crosses_backbone_and_heads_against_the_all_conv_detector_with_co
     assert rows["full attention", "sasa"].paper == "0.61x / 0.66x (abstract: 0.61x / 0.66x)"
     assert rows["conv stem attention", "conv"].paper == "0.80x / 0.80x"
     assert block.columns[4] == "mAP % (mean ± 95% CI)"
+    only_detectors = paper_tables([conv, heads, full, csa])
+    assert only_detectors.without_runs == ()  # a detection report lists no classification table as missing
+    only_classifiers = paper_tables([classifier])
+    assert "Table 2: detection (RetinaNet, FPN + heads x backbone)" in [t.title for t in only_classifiers.without_runs]
     # detectors stay out of the classifiers' tables and the families beyond the ResNets
     others = [r.config for s in tables.sections if not s.title.startswith("Table 2") for b in s.blocks for r in b.rows]
     assert not any(c.is_detector for c in others)

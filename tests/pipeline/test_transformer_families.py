@@ -91,7 +91,10 @@ def test_fused_attention_counts_as_its_math_path(variant):
         ({"model": "timm:vit_tiny_patch16_224", "model_args": {"pretrained": True}}, "built untrained here"),
         ({"model": "timm:vit_tiny_patch16_224", "model_args": {"img_size": 32}, "heads": 2}, "heads: ResNet keys"),
         ({"model": "timm:vit_tiny_patch16_224"}, "does not fit models.variants.bad: it fails on 28 px images"),
-        ({"model": "resnet26", "model_args": {"img_size": 32}}, "model_args is for non-ResNet models"),
+        (
+            {"model": "resnet26", "model_args": {"img_size": 32}},
+            "model_args is for models beyond the ResNets and their detectors",
+        ),
     ],
 )
 def test_bad_model_variants_name_the_key_and_what_is_allowed(variant, message):
