@@ -18,6 +18,13 @@ from pipeline.stage import StageError, read_json
 from pipeline.tracking import tracking_uri
 
 TRACKING_TIMEOUT_S = 3
+# SQLAlchemy's driver names (its defaults first: postgresql:// is psycopg in SQLAlchemy 2.1, mysql:// mysqldb) and the
+# package that provides each
+DRIVER_PACKAGES = {
+    "postgresql": {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pg8000": "pg8000"},
+    "mysql": {"mysqldb": "mysqlclient", "pymysql": "pymysql", "mysqlconnector": "mysql-connector-python"},
+    "mssql": {"pyodbc": "pyodbc", "pymssql": "pymssql"},
+}
 META_KEYS = ("format", "counts", "num_classes", "in_chans", "mean", "std")  # what training reads of meta.json
 
 
@@ -49,11 +56,21 @@ def tracking(cfg: Config):
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import NoSuchModuleError
 
+        url = make_url(uri)
         try:
-            make_url(uri).get_dialect().import_dbapi()
-        except (ImportError, NoSuchModuleError) as err:
+            dialect = url.get_dialect()
+        except NoSuchModuleError:
             raise ConfigError(
-                f"{shown}: its database driver is not installed ({err}); pip install it into this environment"
+                f"{shown}: SQLAlchemy has no {url.drivername!r} dialect; use one of "
+                f"{', '.join(f'{scheme}://' for scheme in DRIVER_PACKAGES)} (optionally +DRIVER)"
+            ) from None
+        try:
+            dialect.import_dbapi()
+        except ImportError as err:
+            package = DRIVER_PACKAGES.get(dialect.name, {}).get(dialect.driver, dialect.driver)
+            raise ConfigError(
+                f"{shown}: the {dialect.name} driver {dialect.driver!r} is not installed ({err}); "
+                f"install it into this environment: pip install '{package}'"
             ) from None
 
 

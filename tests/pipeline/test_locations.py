@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.locations import in_project, project_root, redact, resolve_tracking_uri
-from tests.helpers import run_module, write_params
+from tests.helpers import TINY, merged, run_module, write_params
 
 
 def test_a_temporary_experiment_copy_resolves_to_the_project_it_was_made_from(tmp_path, monkeypatch):
@@ -62,8 +62,34 @@ def test_a_database_without_its_driver_stops_the_stage_before_any_work_without_s
     proc = run_module("pipeline.train", "--variant", "conv", cwd=workdir)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert (
-        "mlflow.tracking_uri=postgresql+nosuchdriver://***@127.0.0.1:9/mlflow: its database driver is not installed"
-        in proc.stderr
+        "mlflow.tracking_uri=postgresql+nosuchdriver://***@127.0.0.1:9/mlflow: SQLAlchemy has no "
+        "'postgresql+nosuchdriver' dialect; use one of postgresql://, mysql://, mssql://" in proc.stderr
     )
     assert "s3cret" not in proc.stdout + proc.stderr
     assert not (workdir / "checkpoints").exists() and not (workdir / "metrics").exists()
+
+
+@pytest.mark.parametrize(
+    "uri,module,package",
+    [
+        ("postgresql://bob:pw@db/mlflow", "psycopg", "psycopg[binary]"),  # SQLAlchemy 2.1's default for postgresql
+        ("postgresql+psycopg2://db/mlflow", "psycopg2", "psycopg2-binary"),
+        ("mysql+pymysql://db/mlflow", "pymysql", "pymysql"),
+        ("mysql://db/mlflow", "MySQLdb", "mysqlclient"),
+        ("mssql+pyodbc://db/mlflow", "pyodbc", "pyodbc"),
+    ],
+)
+def test_a_missing_database_driver_names_the_package_that_provides_it(uri, module, package):
+    import importlib.util
+    import re
+
+    from pipeline import preflight
+    from pipeline.config import ConfigError, validate
+
+    if importlib.util.find_spec(module):
+        pytest.skip(f"{module} is installed here")
+    cfg = validate(merged(TINY, {"mlflow": {"tracking_uri": uri}}), "test", builds=())
+    with pytest.raises(
+        ConfigError, match=rf"is not installed \(No module named '{module}'\).*pip install '{re.escape(package)}'"
+    ):
+        preflight.tracking(cfg)
