@@ -1,14 +1,16 @@
-"""Checks of ``params.yaml`` that cost more than reading it: every variant or every architecture the
-sweep can produce is built once (and tried at ``data.resolution``), and the strategies are looked up
-in Lightning, so that bad values fail before any data or training work. ``pipeline.config.validate``
-runs the ones a stage asks for.
+"""Checks of ``params.yaml`` that cost more than reading it: every variant and every architecture the
+sweep can produce is built once (on the meta device: no weights are allocated) and tried at
+``data.resolution``, so that a bad value anywhere fails before any data or training work, in the
+first stage that runs. ``pipeline.config.validate`` runs them.
 """
 
 from __future__ import annotations
 
 import itertools
 
-from pipeline.arch_config import is_arch_key
+import torch
+
+from pipeline.arch_config import ArchConfig, is_arch_key
 from pipeline.config import Config, ConfigError
 
 
@@ -21,8 +23,6 @@ def _resolution_error(model, resolution: int) -> str | None:
                 f"it needs at least {model.min_input_size} px (set models.common.small_input: true for 28-32 px images)"
             )
         return None
-    import torch
-
     model.eval()
     try:
         with torch.no_grad():
@@ -35,27 +35,25 @@ def _resolution_error(model, resolution: int) -> str | None:
     return None
 
 
-def _check_strategies(cfg: Config):
-    """``train.strategy`` (and a sweep's) is one Lightning knows and this pipeline can run: the train
-    stage agrees on resume across ranks before fit, so its processes must exist before fit (re-run
-    by Lightning's launcher, as ddp does, or started by torchrun / srun), not spawned by fit."""
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    spawned = ("spawn", "fork", "notebook")
-    allowed = ["auto", *(s for s in StrategyRegistry.available_strategies() if not s.endswith(spawned))]
-    for key, train in (("train", cfg.train), ("sweep.train", cfg.trial_train())):
-        if train.strategy not in allowed:
-            raise ConfigError(
-                f"{key}.strategy={train.strategy!r}: unknown or unsupported strategy; allowed: {', '.join(allowed)}"
-            )
+def _built(arch: ArchConfig, resolution: int):
+    """The network; a ResNet or a detector over one on the meta device, since it states its size rule
+    (``min_input_size``). The other families are tried on a real image (a mixture of experts' routing has
+    no meta kernel), and so is a network whose construction reads a value (``Tensor.item``)."""
+    if arch.takes_keys:
+        try:
+            with torch.device("meta"):
+                return arch.build(num_classes=10, in_chans=3, resolution=resolution)
+        except (RuntimeError, NotImplementedError):  # no meta kernel: a real build says what is wrong, if anything
+            pass
+    with torch.device("cpu"):
+        return arch.build(num_classes=10, in_chans=3, resolution=resolution)
 
 
 def _check_variants(cfg: Config):
     """Build every variant once so architecture errors surface before any data or training work."""
     for name in cfg.models.variants:
-        arch = cfg.models.resolved(name)
         try:
-            model = arch.build(num_classes=10, in_chans=3, resolution=cfg.data.resolution)
+            model = _built(cfg.models.resolved(name), cfg.data.resolution)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"models.variants.{name}: {err}") from None
         why = _resolution_error(model, cfg.data.resolution)
@@ -69,7 +67,7 @@ def _check_sweep(cfg: Config):
     for values in itertools.product(*(cfg.sweep.discrete_values(k) for k in keys)):
         overrides = dict(zip(keys, values))
         try:
-            model = cfg.trial_arch(overrides).build(num_classes=10, in_chans=3, resolution=cfg.data.resolution)
+            model = _built(cfg.trial_arch(overrides), cfg.data.resolution)
         except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError
             raise ConfigError(f"sweep.space {overrides}: {err}") from None
         why = _resolution_error(model, cfg.data.resolution)
@@ -81,9 +79,6 @@ BUILDS = {"variants": _check_variants, "sweep": _check_sweep}  # the names of pi
 
 
 def run_builds(cfg: Config, builds: tuple[str, ...]):
-    """Check the strategies, then build what each of ``builds`` names; any builds at all mean a stage
-    that trains, which needs a strategy it can run."""
-    if builds:
-        _check_strategies(cfg)
+    """Build what each of ``builds`` names."""
     for name in builds:
         BUILDS[name](cfg)

@@ -1,10 +1,10 @@
-"""The typed schema of ``params.yaml``: validated once, up front, by every stage.
+"""The typed schema of ``params.yaml``: the whole file validated once, up front, by every stage.
 
 Unknown keys, wrong types and out-of-range values are errors that name the key path
-(``train.lr``, ``models.variants.full_attention.kernel_size``) and what is allowed. What costs
-more than reading the file (building every variant or every architecture the sweep can produce,
-importing Lightning to know its strategies: ``pipeline.build_checks``) is checked only for the
-stages that need it: ``load_config(path, builds=...)``. The ``models`` section's schema is
+(``train.lr``, ``models.variants.full_attention.kernel_size``) and what is allowed. Every variant
+and every architecture the sweep can produce is built on the meta device (``pipeline.build_checks``)
+by every stage, so a bad value anywhere stops the first stage that runs, before it writes anything;
+tests that need only the schema pass ``builds=()``. The ``models`` section's schema is
 ``pipeline.arch_config``; which keys identify a run, and its fingerprints, ``pipeline.identity``.
 """
 
@@ -100,6 +100,32 @@ class DataConfig(Section):
         return tuple(key for key, source in (("canvas", "digit_canvases"), ("coco", "coco")) if self.source != source)
 
 
+# Lightning's registered strategies whose processes exist before fit: the train stage agrees on resume
+# across ranks before fit, so they are re-run by Lightning's launcher (ddp) or started by torchrun /
+# srun, never spawned by fit (*_spawn, *_fork, *_notebook). Listed here so that checking a name does
+# not import Lightning; tests/pipeline/test_config.py compares it with Lightning's registry.
+STRATEGIES = (
+    "auto",
+    "ddp",
+    "ddp_find_unused_parameters_false",
+    "ddp_find_unused_parameters_true",
+    "deepspeed",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+    "deepspeed_stage_3_offload_nvme",
+    "fsdp",
+    "fsdp_cpu_offload",
+    "single_device",
+    "single_tpu",
+    "single_xla",
+    "xla",
+    "xla_debug",
+)
+
+
 class TrainConfig(Section):
     epochs: PositiveInt = 4
     batch_size: PositiveInt = 64
@@ -124,7 +150,7 @@ class TrainConfig(Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: PositiveInt | Literal["auto"] = 1
     num_nodes: PositiveInt = 1
-    strategy: str = "auto"
+    strategy: str = Field("auto", description="a Lightning strategy this pipeline can run (STRATEGIES)")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     limit_train_batches: PositiveInt | float = Field(1.0, gt=0, description="batch count, or a fraction <= 1")
     limit_val_batches: PositiveInt | float = Field(1.0, gt=0, description="batch count, or a fraction <= 1")
@@ -132,6 +158,13 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model (fuses the layers around the attention op)")
     channels_last: bool = Field(True, description="NHWC weights and activations: faster convolutions on CPUs and GPUs")
     checkpoint_dir: str = Field("checkpoints", min_length=1, description="folder or fsspec URL every node shares")
+
+    @field_validator("strategy")
+    @classmethod
+    def _runnable_strategy(cls, v):
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown or unsupported strategy; allowed: {', '.join(STRATEGIES)}")
+        return v
 
     @field_validator("seeds")
     @classmethod
@@ -375,7 +408,7 @@ def _format(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-EVERYTHING = ("variants", "sweep")  # every build pipeline.build_checks can run
+EVERYTHING = ("variants", "sweep")  # the builds of pipeline.build_checks
 
 
 def load_config(path: str | Path = "params.yaml", builds: tuple[str, ...] = EVERYTHING) -> Config:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError
+from pipeline.console import say
 from pipeline.stage import atomic_dir, run_stage
 
 PREPARED = Path("data/prepared")
@@ -254,9 +254,9 @@ def _apply_policy(bad: list, policy: str):
     if not bad:
         return
     for path, reason in bad[:SHOWN]:
-        print(f"{path}: {reason}", file=sys.stderr)
+        say(f"{path}: {reason}", error=True)
     if len(bad) > SHOWN:
-        print(f"... and {len(bad) - SHOWN} more", file=sys.stderr)
+        say(f"... and {len(bad) - SHOWN} more", error=True)
     if policy == "fail":
         full = ""
         if len(bad) > SHOWN:  # outside data/: a failed stage writes nothing there
@@ -323,8 +323,8 @@ def prepare(cfg: Config, out: Path = PREPARED):
         (tmp / "bad_files.json").write_text(json.dumps(_rows(bad), indent=1))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if bad:
-        print(f"skipped {len(bad)} bad file(s) (listed in {out / 'bad_files.json'})", file=sys.stderr)
-    print(
+        say(f"skipped {len(bad)} bad file(s) (listed in {out / 'bad_files.json'})", error=True)
+    say(
         f"prepared {cfg.data.source}: {counts['train']} train / {counts['val']} val images, "
         f"{len(classes)} {'categories' if cfg.data.task.name == 'detection' else 'classes'} -> {out}"
     )
@@ -332,9 +332,7 @@ def prepare(cfg: Config, out: Path = PREPARED):
 
 
 def main(argv=None):
-    run_stage(
-        __doc__.splitlines()[0], lambda cfg, args: prepare(cfg), argv=argv, builds=()
-    )  # trains nothing: builds no model
+    run_stage(__doc__.splitlines()[0], lambda cfg, args: prepare(cfg), "prepare", argv=argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from pathlib import Path
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config import EVERYTHING, ConfigError, load_config
+from pipeline import console
+from pipeline.config import ConfigError, load_config
 
 
 class StageError(Exception):
@@ -33,27 +34,29 @@ def sigterm_as_ctrl_c():
     return signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
-def run_stage(description, body, add_arguments=None, argv=None, builds=EVERYTHING):
-    """Parse ``--params``, validate it (building the models ``builds`` names, see
-    ``pipeline.config.validate``), run ``body(cfg, args)`` and turn the known failures into one
-    message and an exit status."""
+def run_stage(description, body, stage, add_arguments=None, argv=None):
+    """Parse ``--params``, send the libraries' output to the stage's log file (``pipeline.console``),
+    validate the whole file (every model built, see ``pipeline.config.validate``), run ``body(cfg,
+    args)`` and turn the known failures into one message and an exit status. ``stage`` names the log:
+    a string, or a function of the parsed arguments (``train@VARIANT``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    console.to_log_file(stage(args) if callable(stage) else stage)
     previous = sigterm_as_ctrl_c()
     try:
-        cfg = load_config(args.params, builds)
+        cfg = load_config(args.params)
         body(cfg, args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        console.say(f"error: {err}", error=True)
         sys.exit(2)
     except StageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        console.say(f"error: {err}", error=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: nothing half-written was kept; run the stage again to resume", file=sys.stderr)
+        console.say("interrupted: nothing half-written was kept; run the stage again to resume", error=True)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)

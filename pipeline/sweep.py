@@ -17,7 +17,6 @@ and marks its MLflow runs KILLED (found in MLflow, so also those a restored swee
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -30,15 +29,19 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import preflight
 from pipeline.config import Config, ConfigError
+from pipeline.console import progress_bar, say, stdout_to_log
 from pipeline.data import PREPARED
 from pipeline.locations import in_project
 from pipeline.runstate import RunRecord
 from pipeline.stage import StageError, run_stage, sigterm_as_ctrl_c
 from pipeline.sweep_results import RESULTS, MlflowTrials, kill_open_runs, record_results, result_rows
 from pipeline.tracking import context_tags, experiment_id, flatten, log_params, tracking_uri
-from pipeline.trial import trainable
+from pipeline.trial import split_trial_config, trainable
 
 STATE = Path("sweep") / "state.json"
+# Trials' output stays in Ray's session logs (/tmp/ray/session_latest/logs); Ray's own lines go to the
+# stage's log file (pipeline.console), which configure_logging=False leaves in place.
+RAY_INIT = dict(ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
 NODE_CHECK_TIMEOUT_S = 120  # a node's first task unpacks the project and starts a worker
 # Not shipped to the workers with the project (Ray also leaves out what .gitignore lists).
 RUNTIME_ENV_EXCLUDES = [".git", ".dvc/cache", ".dvc/tmp"]
@@ -86,6 +89,40 @@ def _start_parent_run(cfg: Config, client: MlflowClient, exp_id: str) -> dict:
     }  # a new sweep never restores an old one
 
 
+class SweepProgress(tune.Callback):
+    """The sweep's one bar: epochs trained over all trials (a finished, stopped or failed trial counts
+    whole; a restored sweep starts where it stopped), with how many run and have finished."""
+
+    def __init__(self, cfg: Config):
+        lengths = cfg.sweep.space.get("epochs")
+        lengths = lengths if isinstance(lengths, list) else [cfg.trial_train().epochs]
+        self.cfg, self.total, self.bar = (
+            cfg,
+            cfg.sweep.trial_count(len(cfg.train.seeds)) // len(lengths) * sum(lengths),
+            None,
+        )
+
+    def __getstate__(self):  # Tune saves its callbacks with the experiment; a terminal's bar is not saved
+        return {**self.__dict__, "bar": None}
+
+    def setup(self, **info):
+        self.bar = progress_bar("sweep", total=self.total, unit="epoch", enabled=self.cfg.train.progress_bar)
+        self.shown = None
+
+    def on_step_end(self, iteration, trials, **info):
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        done = sum(split_trial_config(self.cfg, t.config)[1].epochs for t in ended) + sum(
+            t.last_result.get("training_iteration", 0) for t in trials if t not in ended
+        )
+        shown = {"running": sum(t.status == "RUNNING" for t in trials), "finished": len(ended)}
+        if (done, shown) != (self.bar.n, self.shown):  # Tune steps many times a second
+            self.bar.n, self.shown = done, shown
+            self.bar.set_postfix(shown)
+
+    def on_experiment_end(self, trials, **info):
+        self.bar.close()
+
+
 def _connect(cfg: Config) -> str | None:
     """Join the cluster (shipping the project's code to its nodes) or start a local runtime."""
     # Checkpointing every epoch of short trials is what this sweep is meant to do; Tune warns about it.
@@ -93,12 +130,12 @@ def _connect(cfg: Config) -> str | None:
     address = os.environ.get("RAY_ADDRESS") or cfg.sweep.address
     if address:
         runtime_env = {"working_dir": str(Path.cwd()), "excludes": RUNTIME_ENV_EXCLUDES}
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, **RAY_INIT)
     else:  # the dashboard of a runtime this stage starts is for this machine only
-        ray.init(address="local", ignore_reinit_error=True, log_to_driver=False, dashboard_host="127.0.0.1")
+        ray.init(address="local", dashboard_host="127.0.0.1", **RAY_INIT)
     sigterm_as_ctrl_c()
     where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-    print(f"sweep: {where}, {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)")
+    say(f"sweep: {where}, {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)")
     return address
 
 
@@ -189,7 +226,7 @@ def _tuner(cfg: Config, state: dict, callback: MlflowTrials) -> tune.Tuner:
     path = f"{storage.rstrip('/')}/{state['experiment']}"
     trial = trainable(cfg, path)
     if tune.Tuner.can_restore(path):
-        print(f"sweep: resuming {path}")
+        say(f"sweep: resuming {path}")
         return tune.Tuner.restore(
             path, trial, resume_unfinished=True, resume_errored=True, param_space=search_space(cfg)
         )
@@ -217,10 +254,10 @@ def _tuner(cfg: Config, state: dict, callback: MlflowTrials) -> tune.Tuner:
         run_config=tune.RunConfig(
             name=state["experiment"],
             storage_path=storage,
-            callbacks=[callback],
+            callbacks=[callback, SweepProgress(cfg)],
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=1,
+            verbose=0,  # no status tables: the stage's bar and lines say what runs
         ),
     )
 
@@ -246,13 +283,15 @@ def sweep(cfg: Config):
         )
         parent = state["run_id"]
         callback = MlflowTrials(cfg, exp_id, parent)
-        results = _tuner(cfg, state, callback).fit()
+        tuner = _tuner(cfg, state, callback)
+        with stdout_to_log():
+            results = tuner.fit()
     finally:
         ray.shutdown()
     unfinished = cfg.sweep.trial_count(len(cfg.train.seeds)) - results.num_terminated - results.num_errors
     if unfinished:  # Tune stops gracefully on Ctrl-C (and SIGTERM, see run_stage) and keeps the experiment's state
         kill_open_runs(client, exp_id, parent)
-        print(f"sweep: interrupted with {unfinished} trial(s) unfinished", file=sys.stderr)
+        say(f"sweep: interrupted with {unfinished} trial(s) unfinished", error=True)
         raise KeyboardInterrupt
     failed = [r for r in results if r.error]
     if failed:
@@ -265,7 +304,7 @@ def sweep(cfg: Config):
     best = record_results(cfg, client, parent, rows, time.perf_counter() - started)
     client.set_terminated(parent, "FINISHED")
     record.finish()
-    print(
+    say(
         f"sweep: {len(rows)} trials; best by {cfg.sweep.metric} ({cfg.sweep.mode}): "
         f"{ {k: best[k] for k in cfg.sweep.space} }, "
         f"{cfg.data.task.label} {best[cfg.data.task.score]:.2f} at its last epoch; wrote {RESULTS}"
@@ -273,9 +312,7 @@ def sweep(cfg: Config):
 
 
 def main(argv=None):
-    run_stage(
-        __doc__.splitlines()[0], lambda cfg, args: sweep(cfg), argv=argv, builds=("sweep",)
-    )  # every architecture of the grid, before Ray starts
+    run_stage(__doc__.splitlines()[0], lambda cfg, args: sweep(cfg), "sweep", argv=argv)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,16 @@ from pathlib import Path
 import lightning.pytorch as pl
 from fsspec.core import url_to_fs
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 
 from pipeline import preflight
 from pipeline.checkpoints import AtomicCheckpointIO, checkpoint_callbacks, describe
 from pipeline.config import Config, ConfigError
+from pipeline.console import log_file, progress_bar, say, stdout_to_log
 from pipeline.distributed import World, wait_for_launcher
+from pipeline.locations import redact
 from pipeline.module import NonFiniteLoss, Run, StopAtBatchEnd, build_run, build_trainer
 from pipeline.runstate import RunRecord
 from pipeline.stage import StageError, atomic_write_text, run_stage
@@ -77,6 +80,31 @@ class EpochStepLogger(MLFlowLogger):
 
 def checkpoint_dir(cfg: Config, variant: str, seed: int) -> str:
     return f"{cfg.train.checkpoint_dir.rstrip('/')}/{variant}/seed-{seed}"
+
+
+class StageProgress(ProgressBar):
+    """The stage's one bar over every seed's training steps, in place of Lightning's bar per epoch (and
+    its model summary, which then goes to the log). A resumed seed starts the bar where it stopped."""
+
+    def __init__(self, bar, seeds: int, index: int):
+        super().__init__()
+        self.bar, self.seeds, self.index = bar, seeds, index
+
+    def disable(self):
+        self.bar.disable = True
+
+    def on_train_start(self, trainer, pl_module):
+        per_seed = trainer.num_training_batches * trainer.max_epochs
+        self.bar.total = per_seed * self.seeds
+        self.bar.n = self.index * per_seed + trainer.current_epoch * trainer.num_training_batches
+        self.bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        shown = {
+            k: f"{float(v):.3f}" for k, v in trainer.progress_bar_metrics.items() if k.startswith(("val_", "train_"))
+        }
+        self.bar.set_postfix(epoch=f"{trainer.current_epoch + 1}/{trainer.max_epochs}", **shown, refresh=False)
+        self.bar.update(1)
 
 
 def _start_or_resume_run(cfg: Config, variant: str, seed: int, ckpt_dir: str, run: Run) -> dict:
@@ -135,24 +163,33 @@ def train(cfg: Config, variant: str) -> dict | None:
     if variant not in cfg.models.variants:
         raise ConfigError(f"--variant {variant!r} is not in models.variants; defined: {', '.join(cfg.models.variants)}")
     preflight.devices(cfg.train)
-    world, runs = None, []
-    for seed in cfg.train.seeds:
+    world, runs, bar = None, [], None
+    for index, seed in enumerate(cfg.train.seeds):
         run = build_run(cfg.data, cfg.models.resolved(variant), cfg.train, seed=seed)  # checks data/prepared first
         if world is None:
             world = World.launch(cfg.train)
             world.on_zero(lambda: preflight.tracking(cfg))  # the other nodes may have no route to the tracking server
-        runs.append(_train_seed(cfg, variant, seed, run, world))
+            if world.is_zero:
+                say(
+                    f"train@{variant}: {len(cfg.train.seeds)} seed(s) x {cfg.train.epochs} epochs on {world.size} "
+                    f"process(es); runs in MLflow {redact(tracking_uri(cfg))} (experiment {cfg.mlflow.experiment!r}), "
+                    f"checkpoints in {checkpoint_dir(cfg, variant, '*')}, full log in {log_file(f'train@{variant}')}"
+                )
+            bar = progress_bar(f"train@{variant}", enabled=cfg.train.progress_bar and world.is_zero)
+        progress = StageProgress(bar, len(cfg.train.seeds), index) if cfg.train.progress_bar else None
+        runs.append(_train_seed(cfg, variant, seed, run, world, progress))
+    bar.close()
     if not world.is_zero:
         return None
     return _summarise(cfg, variant, runs)
 
 
-def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) -> dict | None:
+def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World, progress) -> dict | None:
     ckpt_dir = checkpoint_dir(cfg, variant, seed)
     world.check_shared(ckpt_dir, key="train.checkpoint_dir")
     decision = world.on_zero(lambda: _start_or_resume_run(cfg, variant, seed, ckpt_dir, run))
     if "done" in decision:
-        print(
+        say(
             f"train@{variant} seed {seed}: finished before the stage was interrupted "
             f"(MLflow run {decision['done']['run_id']})"
         )
@@ -160,10 +197,12 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
     run_id = decision["run_id"]
     last = f"{ckpt_dir}/last.ckpt"
     action = f"resuming from {last}" if decision["resume"] else "starting afresh"
-    print(f"train@{variant} seed {seed}: rank {world.rank} of {world.size}, MLflow run {run_id}: {action}", flush=True)
+    rank = f"rank {world.rank} of {world.size}, " if world.size > 1 else ""
+    say(f"train@{variant} seed {seed}: {rank}MLflow run {run_id}: {action}")
 
     throughput = Throughput()
     callbacks = [*checkpoint_callbacks(ckpt_dir, cfg.data.task.monitor), throughput, StopAtBatchEnd()]
+    callbacks += [progress] if progress else []
     logger = (
         EpochStepLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), run_id=run_id)
         if world.is_zero
@@ -173,7 +212,10 @@ def _train_seed(cfg: Config, variant: str, seed: int, run: Run, world: World) ->
         cfg.train, logger=logger, callbacks=callbacks, default_root_dir=ckpt_dir, plugins=_plugins()
     )
     try:
-        trainer.fit(run.module, datamodule=run.data, ckpt_path=last if decision["resume"] else None, weights_only=True)
+        with stdout_to_log():
+            trainer.fit(
+                run.module, datamodule=run.data, ckpt_path=last if decision["resume"] else None, weights_only=True
+            )
     except NonFiniteLoss as err:  # Lightning has marked the run FAILED
         raise StageError(
             f"{err}. Training stopped before that step; {describe(last)}. Lower train.lr or check the data."
@@ -211,7 +253,7 @@ def _finish(cfg, variant, seed, run_id, trainer, throughput, run: Run, ckpt_dir)
     counts = run.counts
     result = {"seed": seed, "run_id": run_id, **results, **counts.as_dict(), "epochs": trainer.current_epoch}
     RunRecord(f"{ckpt_dir}/run.json").finish(result)
-    print(
+    say(
         f"{variant} seed {seed}: {task.label} {100 * results[task.score]:.2f}, {counts.flops / 1e6:.1f} MFLOPs, "
         f"{counts.params / 1e6:.3f} M params"
     )
@@ -236,7 +278,7 @@ def _summarise(cfg: Config, variant: str, runs: list[dict]) -> dict:
     atomic_write_text(METRICS / f"{variant}.json", json.dumps(summary, indent=2))
     for r in runs:  # a later attempt of the stage retrains them
         RunRecord(f"{checkpoint_dir(cfg, variant, r['seed'])}/run.json").mark_reported()
-    print(
+    say(
         f"{variant}: {task.label} {estimate([100 * r[task.score] for r in runs])} "
         f"over seeds {', '.join(str(r['seed']) for r in runs)}"
     )
@@ -248,9 +290,9 @@ def main(argv=None):
         run_stage(
             __doc__.splitlines()[0],
             lambda cfg, args: train(cfg, args.variant),
+            lambda args: f"train@{args.variant}",
             add_arguments=lambda p: p.add_argument("--variant", required=True, help="a key of models.variants"),
             argv=argv,
-            builds=("variants",),  # every variant, before the first one trains
         )
     except SystemExit as stop:
         if stop.code:

@@ -105,6 +105,7 @@ def fit_trial(config: dict, cfg: Config, prepared: dict[str, bytes], session, **
             accelerator="gpu" if cfg.sweep.resources.gpu else "cpu",
             logger=False,
             enable_checkpointing=False,
+            enable_progress_bar=False,  # the driver shows the sweep's one bar
             callbacks=[ReportEachEpoch(run.counts, session)],
             **placement,
         )

@@ -95,3 +95,53 @@ def stage_params() -> dict[str, set[str]]:
 def within(key: str, entry: str) -> bool:
     """Whether ``key`` is the tracked ``entry`` or lies below it."""
     return key == entry or key.startswith(f"{entry}.")
+
+
+def run_in_terminal(*cmd, cwd, env=None, timeout=600, columns=120) -> tuple[int, str]:
+    """A command as a person at a terminal sees it (a pseudo-terminal of ``columns`` columns, so progress
+    bars draw): its exit status and everything it wrote to the screen, stdout and stderr together."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env["PATH"] = BIN + os.pathsep + full_env["PATH"]
+    full_env.update(env or {})
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the terminal closed: every process holding it has exited
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        else:
+            raise TimeoutError(f"{cmd} ran past {timeout} s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def screen_lines(output: str) -> list[str]:
+    """What stays on the screen of each line: its last text after a carriage return (a bar redraws)."""
+    lines = []
+    for line in output.replace("\r\n", "\n").split("\n"):
+        drawn = [part for part in line.split("\r") if part.strip()]
+        lines += drawn[-1:]
+    return lines

@@ -20,6 +20,8 @@ detector's COCO mAP) is the last epoch's everywhere, as in the paper.
   interval as error bars, one marker per form or attention mixer, the Pareto front of the means;
 - ``detection_map_vs_flops.png``: the same for detectors (mAP);
 - ``sweep_accuracy_vs_flops.png``: the sweep's configurations, coloured by k, marked by stem;
+- ``budget_gap_vs_epochs.png``: each attention form's gap to conv against training epochs, when the
+  runs cover two or more (configs/budget.yaml);
 - ``results.csv``: one row per configuration, for ``dvc plots``;
 - ``metrics.json``: top-1 (mean, interval, n) and MFLOPs per variant and sweep configuration, the
   DVC metrics file ``dvc exp show`` and ``dvc metrics diff`` compare.
@@ -32,10 +34,11 @@ from pathlib import Path
 
 from pipeline import preflight
 from pipeline.config import Config
-from pipeline.report.figures import plot, plot_sweep
+from pipeline.console import say
+from pipeline.report.figures import plot, plot_budget, plot_sweep
 from pipeline.report.render import PLOTS, csv_rows, markdown, metrics_summary
 from pipeline.report.runs import load_runs, load_sweep
-from pipeline.report.tables import paper_tables
+from pipeline.report.tables import BUDGET, paper_tables
 from pipeline.stage import atomic_dir, csv_text, run_stage
 
 REPORTS = Path("reports")
@@ -60,20 +63,20 @@ def report(cfg: Config, out: Path = REPORTS):
             plot(detectors, lambda c: c.mflops, "FLOPs per image (M)", False, "val mAP")  # the legend names each
         )
         (tmp / "sweep_accuracy_vs_flops.png").write_bytes(plot_sweep(sweep_rows, f"val {task.label.split()[0]}"))
+        (tmp / "budget_gap_vs_epochs.png").write_bytes(plot_budget(tables.section(BUDGET)))
         (tmp / "results.md").write_text(markdown(cfg, variants, configs, sweep_rows, tables))
         (tmp / "results.csv").write_text(csv_text(csv_rows(configs)))
         (tmp / "metrics.json").write_text(json.dumps(metrics_summary(cfg, variants, configs), indent=2))
     for c in configs:
-        print(f"{c.label()}: {'mAP' if c.is_detector else 'top-1'} {c.estimate()}")
+        say(f"{c.label()}: {'mAP' if c.is_detector else 'top-1'} {c.estimate()}")
     comparisons = tables.comparisons()
     resolved = sum(v.resolved for v in comparisons)
-    print(f"{resolved} of {len(comparisons)} comparisons with a baseline resolved (p < 0.05), the rest within noise")
-    print(
+    say(f"{resolved} of {len(comparisons)} comparisons with a baseline resolved (p < 0.05), the rest within noise")
+    say(
         f"wrote {out}/results.md, results.csv, metrics.json and the plots accuracy_vs_flops, accuracy_vs_params, "
-        "detection_map_vs_flops, sweep_accuracy_vs_flops"
+        "detection_map_vs_flops, sweep_accuracy_vs_flops, budget_gap_vs_epochs"
     )
 
 
 def main(argv=None):
-    # the report trains nothing: it builds no model
-    run_stage(__doc__.splitlines()[0], lambda cfg, args: report(cfg), argv=argv, builds=())
+    run_stage(__doc__.splitlines()[0], lambda cfg, args: report(cfg), "report", argv=argv)

@@ -74,7 +74,12 @@ CASES = [
 
 
 def _tree(folder):
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+    """Every file and folder but the stages' logs (logs/STAGE.log keeps each attempt, failed ones too)."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.relative_to(folder).parts[0] != "logs"
+    }
 
 
 def _run_main(stage, argv, capsys):
@@ -96,6 +101,8 @@ def test_bad_input_exits_2_names_the_problem_and_writes_nothing(workdir, capsys,
     assert needle in err
     assert "Traceback" not in err
     assert _tree(workdir) == before
+    log = workdir / "logs" / f"{'train@conv' if stage == 'train' else stage}.log"
+    assert needle in log.read_text()  # the error is in the stage's log too
 
 
 def test_unknown_variant_and_missing_prepared_data(workdir, capsys):
@@ -106,7 +113,7 @@ def test_unknown_variant_and_missing_prepared_data(workdir, capsys):
     for stage, argv in (("train", ["--variant", "conv"]), ("sweep", [])):
         code, err = _run_main(stage, argv, capsys)
         assert code == 2 and "data/prepared/meta.json is missing: run the prepare stage first" in err
-    assert sorted(p.name for p in workdir.iterdir()) == ["params.yaml"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["logs", "params.yaml"]
 
 
 @pytest.mark.parametrize(

@@ -54,8 +54,15 @@ BAD = [
     ({"report": None}, "report: Input should be a valid dictionary"),
     ({"train": {"limit_train_batches": 1.5}}, "train.limit_train_batches"),
     ({"train": {"warmup_epochs": 3, "epochs": 2}}, "warmup_epochs=3.0 exceeds train.epochs=2"),
-    ({"train": {"strategy": "dpp"}}, "train.strategy='dpp': unknown or unsupported strategy; allowed: auto, ddp"),
-    ({"train": {"strategy": "ddp_spawn"}}, "train.strategy='ddp_spawn': unknown or unsupported strategy"),
+    (
+        {"train": {"strategy": "dpp"}},
+        "train.strategy: Value error, unknown or unsupported strategy; allowed: auto, ddp",
+    ),
+    ({"train": {"strategy": "ddp_spawn"}}, "train.strategy: Value error, unknown or unsupported strategy"),
+    (
+        {"sweep": {"train": {"strategy": "ddp_fork_find_unused_parameters_true"}}},
+        "a trial's train values are invalid:\n  strategy: Value error",
+    ),
     (
         {"data": {"path": "/data/imagenet"}},
         "data.path='/data/imagenet' is set but data.source is mnist5k, which ignores it",
@@ -149,21 +156,35 @@ def test_any_sqlalchemy_database_or_server_is_a_tracking_uri(tmp_path, uri):
     assert load_config(tmp_path / "params.yaml").mlflow.tracking_uri == uri
 
 
-def test_stages_that_train_nothing_build_nothing(tmp_path):
-    """prepare and report load the config with ``builds=()``: no model is built (a variant that
-    cannot be built is the train stage's error, not theirs) and Lightning is not imported."""
+def test_validating_builds_every_model_without_lightning(tmp_path):
+    """Every stage validates the whole file, so prepare, the first, stops on a bad model value; that
+    check builds on the meta device and does not import Lightning (prepare does not need it)."""
     import subprocess
     import sys
 
-    write_params(tmp_path, {"models": {"variants": {"conv": {"kernel_size": 4, "form": "full_attention"}}}})
-    with pytest.raises(ConfigError, match="models.variants.conv: kernel_size"):
-        load_config(tmp_path / "params.yaml")  # the default: everything is built
+    write_params(tmp_path, {"sweep": {"space": {"kernel_size": [3, -3]}}})
     code = (
-        "import sys; from pipeline.config import load_config; "
-        f"load_config({str(tmp_path / 'params.yaml')!r}, builds=()); "
+        "import sys; from pipeline.config import ConfigError, load_config\n"
+        f"try: load_config({str(tmp_path / 'params.yaml')!r})\n"
+        "except ConfigError as err: print(err)\n"
         "assert 'lightning' not in sys.modules, 'Lightning imported'"
     )
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sweep.space {'kernel_size': -3}: kernel_size" in proc.stdout
+
+
+def test_the_strategies_are_lightnings_that_start_before_fit():
+    """STRATEGIES is written out so that checking a name does not import Lightning: it must be Lightning's
+    registry less the strategies that spawn their processes inside fit."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from pipeline.config import STRATEGIES
+
+    spawned = ("_spawn", "_fork", "_notebook")  # also ddp_spawn_find_unused_parameters_true and the like
+    assert set(STRATEGIES) == {"auto"} | {
+        s for s in StrategyRegistry.available_strategies() if not any(word in s for word in spawned)
+    }
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):

@@ -15,8 +15,9 @@ from tests.helpers import REPO
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 # Imports that cannot change a stage's outputs, not followed: prepare validates params.yaml with the
-# architecture schema, which asks sasa which models exist, but it builds no model; depending on sasa
-# would decode every image of an image folder again whenever model code changes.
+# architecture schema, which asks sasa which models exist and builds each one on the meta device, but
+# writes nothing of them; depending on sasa would decode every image of an image folder again
+# whenever model code changes.
 NOT_FOLLOWED = {"prepare": {("pipeline.arch_config", "sasa")}}
 
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.helpers import run_in_project, write_params
+from tests.helpers import REPO, run_in_project, write_params
 
 
 def _sh(*cmd, cwd, check=True):
@@ -143,6 +143,40 @@ def test_report_without_runs_fails_cleanly(project):
     proc = _sh(sys.executable, "-m", "pipeline.report", cwd=project, check=False)
     assert proc.returncode == 1 and "run the train stage first" in proc.stderr
     assert not (project / "reports").exists()
+
+
+# Values the schema alone cannot judge (a model is built to find out), each in the project's own params.yaml
+BAD_MODEL_VALUES = [
+    (("models", "common", "kernel_size"), 4, "models.variants.conv: kernel_size must be odd"),
+    (("models", "common", "heads"), 3, "models.variants.conv_stem_attention: out_channels=16 must be divisible by 3"),
+    (("models", "common", "kernel_size"), -3, "models.variants.conv: kernel_size must be a positive integer"),
+    (
+        ("models", "variants", "full_attention", "form"),
+        "attention_only",
+        "models.variants.full_attention: form='attention_only' is not supported",
+    ),
+    (("sweep", "space", "stem"), ["conv", "patchify"], "sweep.space {'kernel_size': 5, 'stem': 'patchify'}: stem"),
+]
+
+
+@pytest.mark.slow
+def test_a_bad_model_value_stops_dvc_repro_in_prepare_with_nothing_written(dvc_project):
+    """prepare, the first stage, validates the whole file as train and sweep do: on an image folder it
+    would otherwise decode every image before the train stage found the typo."""
+    for path, value, needle in BAD_MODEL_VALUES:
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        *parents, key = path
+        section = params
+        for name in parents:
+            section = section[name]
+        section[key] = value
+        (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = _sh("dvc", "repro", cwd=dvc_project, check=False)
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        assert "Running stage 'prepare'" in proc.stdout and "Running stage 'train" not in proc.stdout
+        assert needle in proc.stderr, proc.stderr[-2000:]
+        written = [d for d in ("data", "metrics", "reports", "sweep") if (dvc_project / d).exists()]
+        assert not written, f"{path}={value!r} left {written}"
 
 
 QUEUE_DEADLINE_S = 600

@@ -10,7 +10,8 @@ from pipeline.stage import atomic_dir, atomic_write_text, run_stage
 from tests.helpers import write_params
 
 
-def test_sigterm_takes_the_ctrl_c_path_and_exits_130(tmp_path, capsys):
+def test_sigterm_takes_the_ctrl_c_path_and_exits_130(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the stage writes its log
     write_params(tmp_path)
     cleaned = []
 
@@ -28,7 +29,7 @@ def test_sigterm_takes_the_ctrl_c_path_and_exits_130(tmp_path, capsys):
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit) as exit_info:
-            run_stage("test", body, argv=["--params", str(tmp_path / "params.yaml")])
+            run_stage("test", body, "test", argv=["--params", str(tmp_path / "params.yaml")])
     finally:
         signal.signal(signal.SIGINT, previous_int)
     assert exit_info.value.code == 130 and cleaned == [True]
