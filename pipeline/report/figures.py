@@ -137,3 +137,38 @@ def plot_sweep(rows, y_label="val top-1") -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # outside: never hides a point
     return _png(plt, fig)
+
+
+def plot_budget(section) -> bytes:
+    """Each attention form's gap to conv (paired by seed, 95% interval) against training epochs, from the
+    report's training-budget section (None: no runs at two or more lengths)."""
+    plt, fig, ax = _figure()
+    if section is None:
+        ax.text(0.5, 0.5, "no runs at two or more training lengths", ha="center", va="center", transform=ax.transAxes)
+        return _png(plt, fig)
+    lines = defaultdict(list)  # (depth, form) -> [(epochs, comparison)]
+    for row in section.blocks[0].rows:
+        if row.comparison is not None:
+            epochs, depth, form = row.lead
+            lines[(depth, form)].append((int(epochs), row.comparison))
+    for (depth, form), points in sorted(lines.items()):
+        points.sort(key=lambda p: p[0])
+        ax.errorbar(
+            [e for e, _ in points],
+            [c.difference for e, c in points],
+            yerr=[0.0 if math.isnan(c.half_width) else c.half_width for e, c in points],
+            marker=FORM_MARKERS.get(form.replace(" ", "_"), "D"),
+            capsize=3,
+            label=f"{form}, {depth}",
+        )
+    ax.axhline(0, color="0.5", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    epochs = sorted({e for points in lines.values() for e, _ in points})
+    ax.set_xticks(epochs, [str(e) for e in epochs])
+    ax.minorticks_off()
+    ax.set_xlabel("training epochs")
+    ax.set_ylabel("top-1 minus the conv form's (points)")
+    ax.set_title("gap to conv: mean and 95% interval of the paired difference over seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(plt, fig)

@@ -1,16 +1,17 @@
-"""The runs the report reads: every finished training run of the current recipe from MLflow,
+"""The runs the report reads: every finished training run of the current recipes from MLflow,
 pooled into configurations, and the sweep's trials from ``sweep/results.csv``."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
 
 from mlflow import MlflowClient
 
-from pipeline.config import Config
+from pipeline.config import TRAIN_KEYS, Config
 from pipeline.locations import redact
 from pipeline.report.tables import Configuration
 from pipeline.stage import StageError
@@ -65,6 +66,23 @@ def run_record(run) -> dict:
     }
 
 
+def recipes(cfg: Config) -> dict[str, dict]:
+    """Every recipe this params file trains by -> its values of the train keys the sweep changes
+    (``sweep.train`` and the swept train keys: a trial of ``epochs: [6, 18]`` is another recipe than
+    the variants'): the variants' recipe, and the trials' for each grid or choice value."""
+    swept = [k for k in cfg.sweep.space if k in TRAIN_KEYS and cfg.sweep.discrete_values(k)]
+    changed = sorted({*cfg.sweep.train, *swept})
+
+    def shown(train) -> dict:
+        return {k: getattr(train, k) for k in changed}
+
+    found = {cfg.recipe(cfg.train): shown(cfg.train)}
+    for values in itertools.product(*(cfg.sweep.discrete_values(k) for k in swept)):
+        train = cfg.trial_train(dict(zip(swept, values)))
+        found.setdefault(cfg.recipe(train), shown(train))
+    return found
+
+
 def load_runs(cfg: Config) -> tuple[dict[str, list[dict]], list[Configuration]]:
     """The current variants' runs (every seed must have one) and every configuration of the
     current recipe that finished runs cover, by increasing FLOPs."""
@@ -98,14 +116,15 @@ def load_runs(cfg: Config) -> tuple[dict[str, list[dict]], list[Configuration]]:
         )
 
     configs = {}  # (recipe, architecture) -> its configuration, with the latest finished run of each seed
-    for recipe in dict.fromkeys([cfg.recipe(cfg.train), cfg.recipe(cfg.trial_train())]):
+    for recipe, train in recipes(cfg).items():
         for run in _search(client, exp_id, f"tags.`sasa.recipe` = '{recipe}' and attributes.status = 'FINISHED'"):
             trained = run.data.tags.get("sasa.kind") in ("train", "sweep_trial")
             if not trained or task_of(run).score not in run.data.metrics:
                 continue
             row = run_record(run)
             c = configs.setdefault(
-                (recipe, row["arch_hash"]), Configuration(row["arch"], row["params"], row["mflops"], row["task"])
+                (recipe, row["arch_hash"]),
+                Configuration(row["arch"], row["params"], row["mflops"], row["task"], train=train),
             )
             c.names.add(row["name"])
             if row["trial"]:

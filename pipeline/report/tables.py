@@ -31,6 +31,8 @@ class Configuration:
     runs: dict[int, dict] = field(default_factory=dict)  # seed -> its latest run
     names: set[str] = field(default_factory=set)  # the variants and sweep points that trained it
     trials: set[tuple[str, str]] = field(default_factory=set)  # (sweep, swept values) of its trials
+    # the train values its recipe has of those the sweep changes (sweep.train, swept train keys): {"epochs": 6}
+    train: dict = field(default_factory=dict)
 
     @property
     def is_resnet(self) -> bool:
@@ -152,6 +154,9 @@ class Tables:
 
     sections: tuple[Section, ...]
     without_runs: tuple[Table, ...]
+
+    def section(self, title: str) -> Section | None:
+        return next((s for s in self.sections if s.title == title), None)
 
     def comparisons(self) -> list[Comparison]:
         """Every test against a baseline, one per row that has one."""
@@ -356,7 +361,8 @@ def _context(c: Configuration, factor) -> tuple:
     """What a configuration is besides the table's factor; a network without attention has no
     attention settings, so its context leaves them out (it joins every attention context)."""
     drop = set(factor) | (set(ATTENTION_ONLY) if not c.attends else set())
-    return tuple(sorted((k, json.dumps(v)) for k, v in c.arch.items() if k not in drop))
+    arch = ((k, json.dumps(v)) for k, v in c.arch.items() if k not in drop)
+    return tuple(sorted([*arch, *((f"train.{k}", json.dumps(v)) for k, v in c.train.items() if k not in drop)]))
 
 
 def _factor_value(c: Configuration, factor) -> tuple:
@@ -419,6 +425,42 @@ def families_section(configs: list[Configuration]) -> Section | None:
     )
 
 
+BUDGET = "Training budget: the gap to the convolution by training length"
+
+
+def budget_section(configs: list[Configuration]) -> Section | None:
+    """Each attention form's gap to the conv form of the same depth and recipe at every training length,
+    paired by seed: whether attention closes in on the convolution as training grows. Shown when the
+    runs cover two or more ``train.epochs`` (configs/budget.yaml)."""
+    forms = [c for c in configs if paper_form(c.arch) and "epochs" in c.train]
+    if len({c.train["epochs"] for c in forms}) < 2:
+        return None
+
+    def setting(c: Configuration):  # what a form's configuration shares with its conv baseline
+        others = {k: v for k, v in c.train.items() if k != "epochs"}
+        return c.arch["model"], json.dumps(others, sort_keys=True), c.train["epochs"]
+
+    rows = []
+    order = list(FORMS)
+    for c in sorted(forms, key=lambda c: (setting(c), order.index(paper_form(c.arch)))):
+        convs = [b for b in forms if paper_form(b.arch) == "conv" and setting(b) == setting(c)]
+        base = max(convs, key=lambda b: len(b.runs)) if convs else None
+        lead = (
+            str(c.train["epochs"]),
+            DEPTH_NAMES.get(c.arch["model"], c.arch["model"]),
+            paper_form(c.arch).replace("_", " "),
+        )
+        rows.append(_row(lead, c, base, None, "no conv run of this length"))
+    columns = ("epochs", "depth", "form", "MFLOPs", "params (M)", TOP1, "vs conv of the same length")
+    return Section(
+        BUDGET,
+        "Each form against the conv form of the same depth trained for as many epochs, paired by seed "
+        "(configs/budget.yaml). A gap that shrinks with epochs is the budget's; one that stays is the method's at "
+        "this scale.\n\n![gap vs epochs](budget_gap_vs_epochs.png)",
+        (Block("", columns, tuple(rows)),),
+    )
+
+
 def paper_tables(configs: list[Configuration]) -> Tables:
     """The tables the configurations cover; of the others, Table 2 (what a classification report
     points to) and those of the task the configurations are of (a detectors-only report lists no
@@ -435,5 +477,5 @@ def paper_tables(configs: list[Configuration]) -> Tables:
         sections.append(
             Section(table.title, intro, tuple(table.block(b, _differing(b, found, table.factor)) for b in found))
         )
-    families = families_section(configs)
-    return Tables((*sections, *([families] if families else [])), tuple(without_runs))
+    extra = [section for section in (families_section(configs), budget_section(configs)) if section]
+    return Tables((*sections, *extra), tuple(without_runs))

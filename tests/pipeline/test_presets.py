@@ -137,3 +137,23 @@ def test_the_detection_presets_train_every_row_of_table2(name):
     if name == "coco.yaml":  # the paper's setting: RetinaNet ResNet-50 FPN on COCO at 640 px, k = 7
         assert {cfg.models.resolved(v).model for v in cfg.models.variants} == {"retinanet_resnet50"}
         assert (cfg.data.source, cfg.data.resolution, cfg.models.common.kernel_size) == ("coco", 640, 7)
+
+
+def test_the_budget_preset_trains_the_three_forms_at_three_lengths_that_the_report_reads():
+    from pipeline.report.runs import recipes
+
+    cfg = _load("budget.yaml")
+    forms = {cfg.models.resolved(v).form for v in cfg.models.variants} | set(cfg.sweep.space["form"])
+    assert forms == {"conv", "conv_stem_attention", "full_attention"} and len(cfg.train.seeds) >= 5
+    found = recipes(cfg)
+    assert sorted(train["epochs"] for train in found.values()) == [2, 6, 18]
+    assert cfg.recipe(cfg.train) in found and cfg.sweep.scheduler.type == "fifo"  # every trial to the end
+
+
+def test_the_default_sweep_searches_two_spatial_extents_and_two_stems():
+    cfg = load_config(REPO / "params.yaml")
+    assert len(cfg.sweep.space["kernel_size"]) >= 2 and len(cfg.sweep.space["stem"]) >= 2
+    base = cfg.models.resolved(cfg.sweep.base)
+    # pooled with the variants: the grid leaves out what the variants train (k = 3 with either stem)
+    assert base.kernel_size not in cfg.sweep.space["kernel_size"]
+    assert {cfg.models.resolved(v).form for v in cfg.models.variants} >= {"conv_stem_attention", "full_attention"}

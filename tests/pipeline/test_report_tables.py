@@ -346,3 +346,34 @@ def test_run_record_reads_a_detection_run_by_its_task():
     record = run_record(run)
     assert record["task"] == "detection" and record["score"] == 25.0 and record["results"]["map_50"] == 50.0
     assert record["results"]["map_large"] != record["results"]["map_large"]  # COCO's -1 (no large objects): NaN
+
+
+def test_the_budget_section_pairs_each_form_with_the_conv_of_its_length_and_table1_splits_by_length():
+    """configs/budget.yaml: the three forms at 2 and 6 epochs (a swept train key). Each form is compared
+    with the conv form of its own length; Table 1 gets one block per length; the plot draws the gaps."""
+    from pipeline.report.figures import plot_budget
+    from pipeline.report.tables import BUDGET
+
+    def at(epochs, arch, top1, name):
+        c = config(arch, top1, name)
+        c.train = {"epochs": epochs}
+        return c
+
+    csa, full = resnet(attention_groups=ALL), resnet(stem="attention", attention_groups=ALL)
+    short = [at(2, resnet(), CONV, "conv"), at(2, csa, NOISE, "csa"), at(2, full, {0: 60.0, 1: 62.0, 2: 61.0}, "fa")]
+    later = {0: 80.0, 1: 81.0, 2: 82.0}
+    long = [at(6, resnet(), later, "b conv"), at(6, csa, {s: v + 2 for s, v in later.items()}, "b csa")]
+    tables = paper_tables(short + long)
+    (block,) = section(tables, BUDGET).blocks
+    rows = rows_by_lead(block)
+    assert rows[("2", "ResNet-26", "conv")].note == "baseline"
+    assert rows[("2", "ResNet-26", "full attention")].comparison.difference == pytest.approx(-10.0)
+    assert rows[("2", "ResNet-26", "full attention")].comparison.resolved
+    assert not rows[("2", "ResNet-26", "conv stem attention")].comparison.resolved
+    six = rows[("6", "ResNet-26", "conv stem attention")].comparison  # against the 6-epoch conv, not the 2-epoch one
+    assert six.difference == pytest.approx(2.0) and six.p == 0.0
+    assert [b.where for b in section(tables, "Table 1").blocks] == ["train.epochs = 2", "train.epochs = 6"]
+    assert plot_budget(tables.section(BUDGET)).startswith(b"\x89PNG")
+
+    one_length = paper_tables(short)
+    assert one_length.section(BUDGET) is None and plot_budget(None).startswith(b"\x89PNG")
