@@ -58,9 +58,13 @@ def _wait_for(condition, proc, timeout=300):
         time.sleep(0.2)
 
 
-def _trial_workers():
+def _trial_workers(driver: subprocess.Popen):
+    """The trial processes of this sweep: below its driver, which started the local Ray runtime (another
+    sweep on the machine has trial processes of its own)."""
     return [
-        p for p in psutil.process_iter(["cmdline"]) if any("ImplicitFunc" in part for part in p.info["cmdline"] or [])
+        p
+        for p in psutil.Process(driver.pid).children(recursive=True)
+        if any("ImplicitFunc" in part for part in p.cmdline() or [])
     ]
 
 
@@ -78,7 +82,7 @@ def test_a_killed_trial_is_retried_from_its_last_checkpoint(workdir):
         [sys.executable, "-m", "pipeline.sweep"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     _wait_for(lambda: any(len(h) >= 1 for h in _trial_histories(workdir).values()), proc)
-    (worker,) = _trial_workers()
+    (worker,) = _trial_workers(proc)
     worker.kill()  # the trial's process dies after its first epoch
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
