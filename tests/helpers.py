@@ -145,3 +145,9 @@ def screen_lines(output: str) -> list[str]:
         drawn = [part for part in line.split("\r") if part.strip()]
         lines += drawn[-1:]
     return lines
+
+
+def stage_log(folder: Path, stage: str) -> str:
+    """What a stage run in ``folder`` wrote to its log (``logs/STAGE.log``: the libraries' lines), every attempt."""
+    path = folder / "logs" / f"{stage}.log"
+    return path.read_text() if path.is_file() else ""

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import REPO, write_params
+from tests.helpers import REPO, stage_log, write_params
 
 BIN = Path(sys.executable).parent
 TRAIN = ["-m", "pipeline.train", "--variant", "conv"]
@@ -253,6 +253,8 @@ def test_srun_tasks_never_restore_a_stale_requeue_checkpoint(tmp_path, prepared_
         for r in range(2)
     ]
     outputs = [finish(p, timeout=300) for p in tasks]
+    log = stage_log(folder, "train@conv")  # both tasks' Lightning lines
+    assert "MEMBER: 2/2" in log and "hpc_ckpt" not in log and "Restoring states" not in log
     for rank, (proc, out) in enumerate(zip(tasks, outputs)):
         assert proc.returncode == 0, out[-3000:]
         assert f"rank {rank} of 2" in out and "starting afresh" in out

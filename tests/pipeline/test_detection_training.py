@@ -21,7 +21,7 @@ from pipeline.detection import CanvasDataset, Detector, collate
 from pipeline.detection_metrics import COLUMNS
 from pipeline.digit_canvases import compose
 from pipeline.module import build_trainer
-from tests.helpers import run_module, write_params
+from tests.helpers import run_module, stage_log, write_params
 
 TINY = dict(
     model="retinanet_resnet26", width=0.125, heads=2, kernel_size=3, fpn_channels=16, anchor_sizes=[8, 16, 32, 64, 128]
@@ -132,7 +132,7 @@ def test_a_detector_trains_with_ddp_over_two_processes_and_one_run(detection_wor
                                                                    "devices": 2, "strategy": "ddp"}})  # fmt: skip
     proc = run_module("pipeline.train", "--variant", "conv", cwd=detection_workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    assert "MEMBER: 2/2" in stage_log(detection_workdir, "train@conv")
     mlflow.set_tracking_uri(f"sqlite:///{detection_workdir / 'mlflow.db'}")
     (run,) = mlflow.search_runs(experiment_names=["test"], output_format="list")
     assert run.info.status == "FINISHED" and run.data.tags["sasa.task"] == "detection"
