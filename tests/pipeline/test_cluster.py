@@ -3,6 +3,7 @@ own launcher, srun's environment, ``ray start``, ``mlflow server``) on 127.0.0.1
 node in its own copy of the project folder, so nothing is shared by accident. Every process a test
 starts has a deadline and is killed, with all its children, when the test ends."""
 
+import contextlib
 import csv
 import json
 import os
@@ -300,6 +301,25 @@ def mlflow_server(tmp_path, launched):
     return uri
 
 
+def stop_ray_nodes(*temp_dirs: str):
+    """Stop exactly the Ray nodes started with these temp dirs (each of their processes names its
+    node's session folder in its command line). `ray stop` would kill every Ray process on the machine,
+    a sweep running beside the suite included."""
+    nodes = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any(folder in part for folder in temp_dirs for part in p.info["cmdline"] or [])
+    ]
+    for p in nodes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(nodes, timeout=30)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=30)
+
+
 @pytest.fixture
 def ray_cluster(tmp_path, launched):
     """A head and a worker node with token authentication, each with its own temp dir (short: Ray's
@@ -353,7 +373,7 @@ def ray_cluster(tmp_path, launched):
         assert worker.wait(timeout=120) == 0, worker.communicate()[0][-3000:]
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}
     finally:  # also when a node failed to start: the head's daemons outlive `ray start`
-        launched.start([BIN / "ray", "stop", "--force"], cwd=tmp_path, env=auth).wait(timeout=120)
+        stop_ray_nodes(head_dir, worker_dir)
         shutil.rmtree(head_dir, ignore_errors=True)
         shutil.rmtree(worker_dir, ignore_errors=True)
 
