@@ -79,7 +79,7 @@ def test_a_database_without_its_driver_stops_the_stage_before_any_work_without_s
         ("mssql+pyodbc://db/mlflow", "pyodbc", "pyodbc"),
     ],
 )
-def test_a_missing_database_driver_names_the_package_that_provides_it(uri, module, package):
+def test_a_missing_database_driver_names_the_package_that_provides_it(uri, module, package, monkeypatch):
     import importlib.util
     import re
 
@@ -88,6 +88,9 @@ def test_a_missing_database_driver_names_the_package_that_provides_it(uri, modul
 
     if importlib.util.find_spec(module):
         pytest.skip(f"{module} is installed here")
+    monkeypatch.delenv(
+        "MLFLOW_TRACKING_URI", raising=False
+    )  # it would win over the params (mlflow.set_tracking_uri sets it)
     cfg = validate(merged(TINY, {"mlflow": {"tracking_uri": uri}}), "test", builds=())
     with pytest.raises(
         ConfigError, match=rf"is not installed \(No module named '{module}'\).*pip install '{re.escape(package)}'"
