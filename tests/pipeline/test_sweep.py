@@ -172,3 +172,42 @@ def test_the_best_trial_is_the_best_by_sweep_metric_and_mode(tmp_path, metric, m
     write_params(tmp_path, {"sweep": {"metric": metric, "mode": mode}})
     rows = [{"trial_id": "a", "top1": 90.0, "val_loss": 0.5}, {"trial_id": "b", "top1": 80.0, "val_loss": 0.3}]
     assert best_trial(load_config(tmp_path / "params.yaml"), rows)["trial_id"] == best
+
+
+@pytest.mark.slow
+def test_a_sweep_over_training_length_feeds_the_reports_budget_section(workdir):
+    """configs/budget.yaml in small: the variants train one epoch, the sweep trains each form for two; the
+    report pairs each attention form with the conv of its length and plots the gap (its study once failed
+    in this report stage, after the whole sweep)."""
+    params = write_params(
+        workdir,
+        {
+            "models": {"variants": {"conv": {"form": "conv"}, "attn": {"form": "conv_stem_attention"}}},
+            "train": {"epochs": 1, "seeds": [0, 1]},
+            "sweep": {
+                "name": "t",
+                "base": "conv",
+                "space": {"form": ["conv", "conv_stem_attention"], "epochs": [2]},
+                "train": {},
+                "scheduler": {"type": "fifo"},
+            },
+        },
+    )
+    for variant in params["models"]["variants"]:
+        proc = run_module("pipeline.train", "--variant", variant, cwd=workdir)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("pipeline.sweep", "pipeline.report"):
+        proc = run_module(stage, cwd=workdir)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    report = (workdir / "reports" / "results.md").read_text()
+    budget = report.split("## Training budget")[1].split("\n## ")[0]
+    rows = [line.split(" | ") for line in budget.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert [(r[0].strip("| "), r[2]) for r in rows] == [
+        ("1", "conv"),
+        ("1", "conv stem attention"),
+        ("2", "conv"),
+        ("2", "conv stem attention"),
+    ]
+    assert all("n = 2 pairs" in r[-1] for r in rows if r[2] != "conv"), budget
+    assert (workdir / "reports" / "budget_gap_vs_epochs.png").stat().st_size > 10_000
