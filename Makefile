@@ -10,7 +10,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[pipeline,test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[pipeline,postgres,test]'
 	-$(PY) -m sasa build-ext  # optional: without a compiler the PyTorch kernel is used
 	touch $@
 

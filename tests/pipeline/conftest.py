@@ -9,6 +9,7 @@ import lightning.pytorch  # noqa: F401
 import pytest
 
 from tests.helpers import REPO, run_in_project, write_params
+from tests.processes import launched  # noqa: F401  (a fixture for every pipeline test)
 
 
 @pytest.fixture(scope="session")
